@@ -1,0 +1,3 @@
+"""klbench: generative and Bayesian models compared through their KL ledgers."""
+
+__version__ = "0.1.0"

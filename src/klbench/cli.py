@@ -1,0 +1,142 @@
+"""Command line: `klbench train | evaluate | aggregate | grid | init-tracking`.
+
+User errors (KlbenchError) end in one line on stderr and exit code 2; the traceback is
+kept for bugs only.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from klbench.errors import CheckpointError, ConfigError, KlbenchError
+
+
+def _run_config(args: argparse.Namespace):
+    from klbench.config import RunConfig, load_config, resolve_run, validate_config
+
+    if args.spec:
+        try:
+            spec = json.loads(args.spec)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"--spec is not valid JSON: {error}") from None
+        return RunConfig.from_dict(spec)
+    if not (args.config and args.dataset and args.model and args.seed is not None):
+        raise ConfigError("give --spec JSON, or --config FILE with --dataset, --model and --seed")
+    # Any dataset/model/seed may be run by hand, in the grid or not; resolve_run checks the names.
+    return resolve_run(validate_config(load_config(args.config)), args.dataset, args.model, args.seed)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from klbench.run import execute_run
+
+    run = _run_config(args)
+    if args.threads:
+        from dataclasses import replace
+
+        run = replace(run, threads=args.threads)
+    out = Path(args.out) if args.out else Path("results/runs") / run.dataset / run.model / f"seed{run.seed}"
+    execute_run(run, out, progress=args.progress)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import torch
+
+    from klbench.config import RunConfig, family_config
+    from klbench.data import load_dataset
+    from klbench.evaluate import evaluate
+    from klbench.models import get_family
+    from klbench.train import seed_everything
+
+    run_dir = Path(args.run_dir)
+    try:
+        run = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"cannot read {run_dir / 'config.json'}: {error}") from None
+    dataset = load_dataset(run.dataset, **run.dataset_options)
+    model = get_family(run.family).build(family_config(run.family, run.params, "params"), dataset.dim, dataset.kind,
+                                         dataset.levels)
+    try:
+        state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as error:  # torch raises several types for a corrupt or mismatched file
+        raise CheckpointError(f"cannot load checkpoint {run_dir / 'model.pt'}: {str(error).splitlines()[0]}") from None
+    torch.set_num_threads(run.threads)
+    seed_everything(run.seed)
+    result = evaluate(model, run.family, dataset, run.evaluate)
+    print(json.dumps(result, indent=2))
+
+
+def cmd_aggregate(args: argparse.Namespace) -> None:
+    from klbench.aggregate import write_summary
+
+    table = write_summary([Path(p) for p in args.ledgers], Path(args.out))
+    print(f"wrote {args.out}: {len(table)} runs", file=sys.stderr)
+
+
+def cmd_grid(args: argparse.Namespace) -> None:
+    from klbench.config import load_config, run_grid, validate_config
+
+    for dataset, model, seed in run_grid(validate_config(load_config(args.config))):
+        print(f"{dataset}/{model}/seed{seed}")
+
+
+def cmd_init_tracking(args: argparse.Namespace) -> None:
+    from klbench.tracking import init_store, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.uri)
+    init_store(uri, args.experiment)
+    print(f"MLflow tracking store ready: {uri}", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="klbench", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train, evaluate and track one run")
+    train.add_argument("--spec", help="the resolved run config as JSON (what the workflow passes)")
+    train.add_argument("--config", action="append", help="config YAML (repeat to merge, later wins)")
+    train.add_argument("--dataset")
+    train.add_argument("--model")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--threads", type=int, help="torch threads (default: the config's)")
+    train.add_argument("--out", help="run directory (default results/runs/{dataset}/{model}/seed{seed})")
+    train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="progress bar (default: when stderr is a terminal)")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="re-evaluate a finished run from its model.pt; print JSON")
+    evaluate.add_argument("run_dir")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    aggregate = commands.add_parser("aggregate", help="ledger.json files -> summary CSV (one row per run)")
+    aggregate.add_argument("ledgers", nargs="+")
+    aggregate.add_argument("--out", required=True)
+    aggregate.set_defaults(func=cmd_aggregate)
+
+    grid = commands.add_parser("grid", help="list the runs a config asks for")
+    grid.add_argument("--config", action="append", required=True)
+    grid.set_defaults(func=cmd_grid)
+
+    init = commands.add_parser("init-tracking", help="create the MLflow store and experiments before parallel jobs")
+    init.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    init.add_argument("--experiment", action="append", default=[])
+    init.set_defaults(func=cmd_init_tracking)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KlbenchError as error:
+        print(f"klbench: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("klbench: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""One run = one job = one directory (DESIGN.md, "Run directory contract").
+
+`execute_run` trains one model on one dataset with one seed, evaluates it on the
+held-out split, tracks it in MLflow and writes the run directory. Files are written
+into a staging folder first and moved into place only after everything succeeded,
+ledger.json last, so a failed or killed job never leaves a run that looks complete.
+"""
+
+import csv
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from klbench.config import RunConfig, family_config
+from klbench.data import load_dataset
+from klbench.evaluate import evaluate
+from klbench.models import get_family
+from klbench.plots import samples_figure
+from klbench.provenance import device_name, git_state, resolve_device, versions
+from klbench.tracking import RunTracker, flatten, resolve_tracking_uri
+from klbench.train import fit, seed_everything
+
+RUN_FILES = ("config.json", "history.csv", "model.pt", "samples.png", "mlflow.json", "ledger.json")
+SAMPLES = 2000
+
+
+def write_json(path: Path, values: Any) -> None:
+    """Write JSON atomically (temp file + rename): readers never see half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(values, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_history(path: Path, history: list[dict[str, Any]]) -> None:
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def metrics_of(split: str, values: dict[str, Any]) -> dict[str, float]:
+    """`{split}/{name}` metrics from a (nested) dict of numbers; booleans become 0/1."""
+    return {f"{split}/{k}": float(v) for k, v in flatten(values) if isinstance(v, (int, float))}
+
+
+def _log_line(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def execute_run(run: RunConfig, out_dir: Path, progress: bool | None = None) -> dict[str, Any]:
+    """Train, evaluate, track; return the ledger dict written to out_dir/ledger.json."""
+    started = time.perf_counter()
+    torch.set_num_threads(run.threads)
+    device = resolve_device(run.device)
+    family = get_family(run.family)
+    model_config = family_config(run.family, run.params, f"models.{run.model}.params")
+    dataset = load_dataset(run.dataset, **run.dataset_options)
+    if dataset.kind not in family.DATA_KINDS:
+        from klbench.errors import ConfigError
+
+        raise ConfigError(f"model family '{run.family}' does not model {dataset.kind} data ({run.dataset})")
+
+    out_dir = Path(out_dir)
+    staging = out_dir / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    for name in RUN_FILES:  # a re-run replaces the whole run, never half of it
+        (out_dir / name).unlink(missing_ok=True)
+
+    provenance = {**git_state(), "device": device_name(device), **{f"version.{k}": v for k, v in versions().items()}}
+    tags = {"dataset": run.dataset, "family": run.family, "model": run.model, "seed": run.seed,
+            "config_hash": run.config_hash(), "data_hash": dataset.data_hash, **provenance}
+    tracker = RunTracker(resolve_tracking_uri(run.tracking_uri), run.family, run.run_key, tags, run.to_dict())
+    tracker.start()
+    try:
+        seed_everything(run.seed)
+        model = family.build(model_config, dataset.dim, dataset.kind, dataset.levels).to(device)
+        train_tensors, test_tensors = (dataset.x_train.to(device),), (dataset.x_test.to(device),)
+
+        def on_epoch(epoch: int, means: dict[str, dict[str, float]]) -> None:
+            metrics = {f"{split}/{k}": v for split, values in means.items() for k, v in values.items()}
+            tracker.log_metrics(metrics, step=epoch)
+            if not progress and "test" in means:
+                _log_line(f"epoch {epoch}/{run.train.epochs}  train neg_elbo {means['train']['neg_elbo']:.4f}"
+                          f"  test neg_elbo {means['test']['neg_elbo']:.4f}")
+
+        train_start = time.perf_counter()
+        history = fit(model, train_tensors, test_tensors, run.train, on_epoch=on_epoch, progress=progress)
+        train_seconds = time.perf_counter() - train_start
+        torch.save(model.state_dict(), staging / "model.pt")
+        write_history(staging / "history.csv", history)
+        write_json(staging / "config.json", run.to_dict())
+
+        eval_start = time.perf_counter()
+        seed_everything(run.seed)  # the evaluation's Monte Carlo draws do not depend on training length
+        model = model.cpu()
+        result = evaluate(model, run.family, dataset, run.evaluate)
+        samples = model.sample(SAMPLES).numpy()
+        samples_figure(samples, dataset.x_test.numpy(), dataset.shape, f"{run.run_key}", staging / "samples.png")
+        eval_seconds = time.perf_counter() - eval_start
+
+        final_train = next(row for row in reversed(history) if row["split"] == "train")
+        tracker.log_metrics(
+            {**metrics_of("test", result["terms"]), **metrics_of("test", result["derived"]),
+             **metrics_of("test", result["diagnostics"])},
+            step=run.train.epochs,
+        )
+        write_json(staging / "mlflow.json", tracker.describe())
+        ledger = {
+            "run": {"key": run.run_key, "dataset": run.dataset, "model": run.model, "family": run.family,
+                    "seed": run.seed, "config_hash": run.config_hash(), "data_hash": dataset.data_hash,
+                    "split": dataset.split, "dim": dataset.dim, "kind": dataset.kind, "units": "nats per example",
+                    **provenance},
+            **result,
+            "train": {"epochs": run.train.epochs, "parameters": sum(p.numel() for p in model.parameters()),
+                      "final": {k: v for k, v in final_train.items() if k not in ("epoch", "split", "wall_time")}},
+            "timing": {"train_s": train_seconds, "eval_s": eval_seconds, "tracking_s": tracker.seconds,
+                       "total_s": time.perf_counter() - started},
+        }
+        write_json(staging / "ledger.json", ledger)
+        for name in RUN_FILES:  # ledger.json last: its presence means the run is complete
+            os.replace(staging / name, out_dir / name)
+        staging.rmdir()
+        tracker.log_artifacts([out_dir / name for name in RUN_FILES])
+        tracker.finish("FINISHED")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for name in RUN_FILES:  # only this run's files can be here: they were removed at the start
+            (out_dir / name).unlink(missing_ok=True)
+        try:
+            tracker.finish("FAILED")
+        except Exception as error:  # the original error matters more than a failed status update
+            _log_line(f"could not mark the MLflow run FAILED: {error}")
+        raise
+    total = time.perf_counter() - started
+    _log_line(f"done {run.run_key}: test neg_elbo {ledger['derived']['neg_elbo']:.4f} nats; "
+              f"MLflow {tracker.seconds:.2f}s of {total:.2f}s ({100 * tracker.seconds / total:.1f}%)")
+    return ledger

@@ -1,0 +1,153 @@
+"""MLflow tracking: the only module that imports mlflow.
+
+Conventions (DESIGN.md): one experiment per model family; run name
+`{dataset}/{model}/seed{seed}`; tags for provenance; params = the flattened run config;
+metrics `{split}/{term}` with step = epoch, sent in one batch per epoch; artifacts = the
+run directory. A re-run of a run key marks the older FINISHED runs superseded, and a run
+left RUNNING by a killed job is closed as KILLED when its key starts again.
+"""
+
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from klbench.errors import TrackingError
+
+RUN_KEY_TAG = "klbench.run_key"
+SUPERSEDED_TAG = "klbench.superseded"
+# MLflow's per-request limits of log_batch.
+MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH = 1000, 100
+
+# Quiet MLflow's INFO chatter in job logs, unless the user asked for it.
+os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def resolve_tracking_uri(config_uri: str | None) -> str:
+    """MLFLOW_TRACKING_URI if set, else the config's, else MLflow's own default
+    (sqlite:///mlflow.db in the working directory, written as an absolute path)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or config_uri
+    return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def ensure_experiment(client: Any, name: str) -> str:
+    """Experiment id by name, creating it; tolerant of a parallel job creating it first."""
+    from mlflow.exceptions import MlflowException
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def init_store(uri: str, experiments: list[str]) -> None:
+    """Create the tracking store and experiments once, before parallel jobs start:
+    several processes creating a new SQLite store at once crash in its migration."""
+    try:
+        client = _client(uri)
+        for name in experiments:
+            ensure_experiment(client, name)
+    except Exception as error:  # mlflow raises many types for an unusable store
+        raise TrackingError(f"cannot use MLflow tracking store {uri}: {type(error).__name__}: {error}") from None
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            yield from flatten(value, f"{name}.")
+        else:
+            yield name, value
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+class RunTracker:
+    """One MLflow run for one training job. `seconds` counts the time spent in MLflow."""
+
+    def __init__(self, uri: str, experiment: str, run_key: str, tags: Mapping[str, Any], params: Mapping[str, Any]):
+        self.uri, self.experiment, self.run_key = uri, experiment, run_key
+        self.seconds = 0.0
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._tags, self._params = dict(tags), dict(params)
+
+    def _timed(self, fn, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    def start(self) -> None:
+        self._timed(self._start)
+
+    def _start(self) -> None:
+        from mlflow.entities import Param, RunTag
+
+        try:
+            self.client = _client(self.uri)
+            self.experiment_id = ensure_experiment(self.client, self.experiment)
+        except Exception as error:
+            raise TrackingError(f"cannot use MLflow tracking store {self.uri}: {type(error).__name__}: {error}") from None
+        for stale in self._runs_of_key("RUNNING"):
+            self.client.set_tag(stale.info.run_id, "klbench.closed_reason", "left RUNNING by a killed job")
+            self.client.set_terminated(stale.info.run_id, "KILLED")
+        tags = {RUN_KEY_TAG: self.run_key, **{k: str(v) for k, v in self._tags.items()}}
+        run = self.client.create_run(self.experiment_id, run_name=self.run_key, tags=tags)
+        self.run_id = run.info.run_id
+        params = [Param(k, str(v)[:6000]) for k, v in flatten(self._params)]
+        for chunk in _chunks(params, MAX_PARAMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=chunk)
+
+    def _runs_of_key(self, status: str) -> list:
+        query = f"tags.`{RUN_KEY_TAG}` = '{self.run_key}' and attributes.status = '{status}'"
+        return self.client.search_runs([self.experiment_id], filter_string=query, max_results=1000)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """All metrics of one step in as few requests as MLflow allows."""
+        self._timed(self._log_metrics, metrics, step)
+
+    def _log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def log_artifacts(self, paths: list[Path]) -> None:
+        for path in paths:
+            self._timed(self.client.log_artifact, self.run_id, str(path))
+
+    def finish(self, status: str) -> None:
+        """End the run; after a FINISHED run, mark older FINISHED runs of the key superseded."""
+        if self.run_id is None:
+            return
+        self._timed(self._finish, status)
+
+    def _finish(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)
+        if status == "FINISHED":
+            for older in self._runs_of_key("FINISHED"):
+                if older.info.run_id != self.run_id and older.data.tags.get(SUPERSEDED_TAG) != "true":
+                    self.client.set_tag(older.info.run_id, SUPERSEDED_TAG, "true")
+                    self.client.set_tag(older.info.run_id, "klbench.superseded_by", self.run_id)
+
+    def describe(self) -> dict[str, str | None]:
+        return {"tracking_uri": self.uri, "experiment": self.experiment, "experiment_id": self.experiment_id,
+                "run_id": self.run_id, "run_name": self.run_key}

@@ -1,0 +1,44 @@
+# Config validation, the grid and input getters. No math here.
+import json
+
+from klbench.config import expand_models, resolve_run, run_grid, validate_config
+from klbench.errors import ConfigError
+
+try:
+    BENCH = validate_config(config)
+except ConfigError as error:
+    raise WorkflowError(f"klbench config error: {error}") from None
+
+RESULTS = BENCH["results_dir"]
+GRID = run_grid(BENCH)
+VARIANTS = expand_models(BENCH)
+RUN_DIR = RESULTS + "/runs/{dataset}/{model}/seed{seed}"
+
+
+wildcard_constraints:
+    dataset="[^/]+",
+    model="[^/]+",
+    seed=r"\d+",
+
+
+def run_spec(wildcards):
+    """The resolved run config as JSON: a change to it re-runs just that run (params trigger)."""
+    run = resolve_run(BENCH, wildcards.dataset, wildcards.model, int(wildcards.seed))
+    return json.dumps(run.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def all_ledgers():
+    return [
+        RUN_DIR.format(dataset=d, model=m, seed=s) + "/ledger.json" for d, m, s in GRID
+    ]
+
+
+def tracking_args():
+    uri = BENCH["tracking_uri"]
+    families = sorted({VARIANTS[m]["family"] for _, m, _ in GRID})
+    return " ".join(([f"--uri {uri}"] if uri else []) + [f"--experiment {f}" for f in families])
+
+
+onstart:
+    # A new SQLite store crashes when parallel jobs create it at once: create it first.
+    shell(f"klbench init-tracking {tracking_args()}")
