@@ -1,11 +1,15 @@
 # klbench: every model variant x dataset x seed, each run's KL ledger tracked in MLflow,
 # then aggregated. Run `snakemake --cores 8`; settings in config/config.yaml.
+import os
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# Found next to this Snakefile, so `snakemake -d OTHER_DIR` works too; --configfile
+# files are merged on top of it (config/smoke.yaml states only what it changes).
+configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
 include: "workflow/rules/common.smk"

@@ -174,7 +174,7 @@ def validate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     error = jsonschema.exceptions.best_match(validator_cls(schema).iter_errors(config))
     if error is not None:
         raise ConfigError(describe_schema_error(error)) from None
-    _check_names(config)
+    _check_semantics(config)
     return config
 
 
@@ -204,7 +204,7 @@ def describe_schema_error(error: Any) -> str:
     return f"config key '{path}': {message}"
 
 
-def _check_names(config: Mapping[str, Any]) -> None:
+def _check_semantics(config: Mapping[str, Any]) -> None:
     from klbench.data import DATASETS
 
     for name in config["run"]["datasets"]:
@@ -216,8 +216,8 @@ def _check_names(config: Mapping[str, Any]) -> None:
     for name in config["run"]["models"]:
         if name not in config["models"]:
             raise ConfigError(f"run.models: unknown model '{name}'; defined in `models`: {', '.join(config['models'])}")
-    variants = expand_models(config)
-    for variant in variants.values():
+    checked_dataclass(EvalConfig, {**config["evaluate"], "iwae_k": tuple(config["evaluate"]["iwae_k"])}, "evaluate")
+    for variant in expand_models(config).values():
         family_config(variant["family"], variant["params"], f"models.{variant['base']}")
 
 

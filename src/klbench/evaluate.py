@@ -1,16 +1,20 @@
 """Held-out evaluation: the final ledger, its derived quantities and family diagnostics."""
 
+from __future__ import annotations
+
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from klbench.config import EvalConfig
-from klbench.data import Dataset
 from klbench.ledger import Ledger, derived_quantities
 from klbench.train import held_out_ledger
+
+if TYPE_CHECKING:
+    from klbench.data import Dataset
 
 # Examples per IWAE batch are chosen so that k * batch * D stays under this many floats.
 IWAE_FLOATS = 20_000_000

@@ -51,6 +51,11 @@ def ensure_experiment(client: Any, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def _first_line(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def init_store(uri: str, experiments: list[str]) -> None:
     """Create the tracking store and experiments once, before parallel jobs start:
     several processes creating a new SQLite store at once crash in its migration."""
@@ -59,7 +64,7 @@ def init_store(uri: str, experiments: list[str]) -> None:
         for name in experiments:
             ensure_experiment(client, name)
     except Exception as error:  # mlflow raises many types for an unusable store
-        raise TrackingError(f"cannot use MLflow tracking store {uri}: {type(error).__name__}: {error}") from None
+        raise TrackingError(f"cannot use MLflow tracking store {uri}: {_first_line(error)}") from None
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -103,7 +108,7 @@ class RunTracker:
             self.client = _client(self.uri)
             self.experiment_id = ensure_experiment(self.client, self.experiment)
         except Exception as error:
-            raise TrackingError(f"cannot use MLflow tracking store {self.uri}: {type(error).__name__}: {error}") from None
+            raise TrackingError(f"cannot use MLflow tracking store {self.uri}: {_first_line(error)}") from None
         for stale in self._runs_of_key("RUNNING"):
             self.client.set_tag(stale.info.run_id, "klbench.closed_reason", "left RUNNING by a killed job")
             self.client.set_terminated(stale.info.run_id, "KILLED")

@@ -1,5 +1,6 @@
 # Config validation, the grid and input getters. No math here.
 import json
+import sys
 
 from klbench.config import expand_models, resolve_run, run_grid, validate_config
 from klbench.errors import ConfigError
@@ -7,7 +8,8 @@ from klbench.errors import ConfigError
 try:
     BENCH = validate_config(config)
 except ConfigError as error:
-    raise WorkflowError(f"klbench config error: {error}") from None
+    # sys.exit prints just this line; a WorkflowError would add the Snakefile's traceback
+    sys.exit(f"klbench config error: {error}")
 
 RESULTS = BENCH["results_dir"]
 GRID = run_grid(BENCH)

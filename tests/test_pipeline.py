@@ -1,0 +1,118 @@
+"""End to end: the smoke config through real Snakemake into a temporary directory, with
+real MLflow tracking on the default SQLite store, checked from the files and the store."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from klbench.config import load_config, run_grid, validate_config
+
+pytestmark = pytest.mark.slow
+
+
+def snakemake(repo: Path, workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(workdir),
+               "--configfile", str(repo / "config" / "smoke.yaml"), "--cores", "2", *args]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    if check and result.returncode != 0:
+        pytest.fail(f"snakemake failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    repo = Path(__file__).resolve().parents[1]
+    workdir = tmp_path_factory.mktemp("smoke")
+    result = snakemake(repo, workdir)
+    config = validate_config(load_config([repo / "config" / "config.yaml", repo / "config" / "smoke.yaml"]))
+    return repo, workdir, config, result
+
+
+def test_every_run_directory_is_complete_and_its_ledger_adds_up(smoke):
+    _, workdir, config, _ = smoke
+    grid = run_grid(config)
+    assert len(grid) == 8
+    for dataset, model, seed in grid:
+        run_dir = workdir / "results" / "runs" / dataset / model / f"seed{seed}"
+        for name in ("ledger.json", "history.csv", "config.json", "model.pt", "samples.png", "mlflow.json"):
+            assert (run_dir / name).stat().st_size > 0, f"{run_dir / name} missing or empty"
+        assert not (run_dir / ".staging").exists()
+        ledger = json.loads((run_dir / "ledger.json").read_text())
+        terms, derived, diagnostics = ledger["terms"], ledger["derived"], ledger["diagnostics"]
+        assert set(terms) == {"rate", "distortion"}
+        assert all(math.isfinite(v) for v in terms.values())
+        assert derived["neg_elbo"] == pytest.approx(terms["rate"] + terms["distortion"], rel=1e-9)
+        assert terms["rate"] >= 0
+        iwae = [diagnostics["iwae_nll"][str(k)] for k in config["evaluate"]["iwae_k"]]
+        assert iwae == sorted(iwae, reverse=True)  # -L_k decreases with k
+        assert iwae[-1] <= derived["neg_elbo"] + 0.05
+        assert diagnostics["mutual_info"] + diagnostics["marginal_kl"] == pytest.approx(diagnostics["rate_mc"])
+        if dataset == "checkerboard":
+            assert derived["data_entropy_true"] == pytest.approx(math.log(8))
+            assert derived["kl_total"] > 0
+            assert derived["kl_total"] == pytest.approx(derived["inference_gap"] + derived["model_gap"])
+        else:
+            assert derived["bpd"] == pytest.approx(derived["neg_elbo"] / (64 * math.log(2)))
+        assert ledger["run"]["key"] == f"{dataset}/{model}/seed{seed}"
+        history = pd.read_csv(run_dir / "history.csv")
+        assert history["epoch"].max() == config["train"]["epochs"]
+        assert (history["neg_elbo"] - history["rate"] - history["distortion"]).abs().max() < 1e-6
+
+
+def test_summary_table_has_one_row_per_run_with_every_term(smoke):
+    _, workdir, config, _ = smoke
+    table = pd.read_csv(workdir / "results" / "tables" / "summary.csv")
+    assert len(table) == len(run_grid(config))
+    assert {"dataset", "model", "seed", "rate", "distortion", "neg_elbo", "iwae_nll.64"} <= set(table.columns)
+    assert sorted(table["model"].unique()) == ["iwae-k5", "vae"]
+    assert ((table["rate"] + table["distortion"] - table["neg_elbo"]).abs() < 1e-9).all()
+
+
+def test_mlflow_store_holds_one_finished_run_per_run_key_with_metrics(smoke):
+    from mlflow.tracking import MlflowClient
+
+    _, workdir, config, _ = smoke
+    assert (workdir / "mlflow.db").exists()  # MLflow's default store, where `mlflow ui` looks
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vae")
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    expected = {f"{d}/{m}/seed{s}" for d, m, s in run_grid(config)}
+    assert {r.info.run_name for r in runs} == expected and len(runs) == len(expected)
+    epochs = config["train"]["epochs"]
+    for run in runs:
+        assert run.info.status == "FINISHED"
+        assert {"dataset", "model", "seed", "family", "git_commit", "config_hash", "data_hash",
+                "version.torch", "version.mlflow"} <= set(run.data.tags)
+        assert run.data.params["train.epochs"] == str(epochs)
+        ledger = json.loads((workdir / "results" / "runs" / run.info.run_name / "ledger.json").read_text())
+        assert run.data.metrics["test/rate"] == pytest.approx(ledger["terms"]["rate"])
+        assert run.data.metrics["test/neg_elbo"] == pytest.approx(ledger["derived"]["neg_elbo"])
+        train_history = client.get_metric_history(run.info.run_id, "train/distortion")
+        assert sorted(m.step for m in train_history) == list(range(1, epochs + 1))
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"ledger.json", "model.pt", "history.csv", "config.json"} <= artifacts
+
+
+def test_a_second_invocation_has_nothing_to_do(smoke):
+    repo, workdir, _, _ = smoke
+    result = snakemake(repo, workdir, "--dry-run")
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_a_bad_config_fails_before_any_job_with_one_line(smoke, tmp_path):
+    repo, _, _, _ = smoke
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: -1\n")
+    command = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(tmp_path),
+               "--configfile", str(repo / "config" / "smoke.yaml"), str(bad), "--cores", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "config key 'train.epochs': -1 is less than the minimum of 1" in result.stderr
+    assert not (tmp_path / "results").exists()

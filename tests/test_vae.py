@@ -1,0 +1,179 @@
+"""The VAE family: its ledger, bounds and diagnostics hold their identities, and the
+linear-Gaussian VAE reaches the closed-form probabilistic-PCA maximum likelihood."""
+
+import math
+
+import pytest
+import torch
+
+from klbench.config import EvalConfig, TrainConfig
+from klbench.errors import TrainingError
+from klbench.evaluate import iwae_bounds, mutual_information
+from klbench.kl import log_normal_diag
+from klbench.models.vae import VAE, Config
+from klbench.train import fit, held_out_ledger, seed_everything
+
+
+def make_config(**changes) -> Config:
+    values = dict(latent_dim=3, hidden=[16], beta=1.0, k=1, prior="standard", prior_components=4,
+                  decoder_scale="diagonal")
+    values.update(changes)
+    return Config(**values)
+
+
+def continuous_data(n=300, dim=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 2, generator=g)
+    return z @ torch.randn(2, dim, generator=g) + 0.3 * torch.randn(n, dim, generator=g)
+
+
+def trained(model, x, epochs=30):
+    seed_everything(0)
+    fit(model, (x,), (x[:50],), TrainConfig(epochs=epochs, batch_size=64, lr=3e-3, eval_every=epochs), progress=False)
+    return model
+
+
+KINDS = {
+    "continuous": (lambda: continuous_data(), {}),
+    "binary": (lambda: (continuous_data() > 0).float(), {}),
+    "discrete": (lambda: continuous_data().mul(3).add(8).round().clamp(0, 16), {"levels": 17}),
+}
+
+
+@pytest.fixture(params=[("continuous", "standard"), ("binary", "mog"), ("discrete", "standard"), ("continuous", "mog")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def model_and_data(request):
+    kind, prior = request.param
+    make_x, extra = KINDS[kind]
+    x = make_x()
+    torch.manual_seed(0)
+    model = VAE(make_config(prior=prior), x.shape[1], kind, **extra)
+    return trained(model, x, epochs=10), x
+
+
+def test_training_loss_with_beta_one_is_the_ledger_total():
+    x = continuous_data()
+    torch.manual_seed(0)
+    model = VAE(make_config(), x.shape[1], "continuous")
+    torch.manual_seed(1)
+    objective, terms = model.loss(x)
+    assert objective.item() == pytest.approx((terms["rate"] + terms["distortion"]).mean().item(), rel=1e-6)
+
+
+def test_beta_weights_training_but_not_the_ledger():
+    x = continuous_data()
+    torch.manual_seed(0)
+    model = VAE(make_config(beta=4.0), x.shape[1], "continuous")
+    torch.manual_seed(1)
+    objective, terms = model.loss(x)
+    assert objective.item() == pytest.approx((4.0 * terms["rate"] + terms["distortion"]).mean().item(), rel=1e-6)
+
+
+def test_ledger_terms_finite_and_rate_nonnegative(model_and_data):
+    model, x = model_and_data
+    ledger = held_out_ledger(model, (x,), samples=64)
+    for value in ledger.terms.values():
+        assert torch.isfinite(value).all()
+    rate = ledger.terms["rate"]
+    if model.config.prior == "standard":
+        assert (rate >= 0).all()  # closed form
+    else:
+        assert rate.mean() > -3 * rate.std() / math.sqrt(len(rate))  # Monte Carlo: >= 0 up to noise
+
+
+def test_standard_prior_rate_closed_form_matches_monte_carlo():
+    x = continuous_data()
+    torch.manual_seed(0)
+    model = trained(VAE(make_config(), x.shape[1], "continuous"), x)
+    mu, logvar = model.encode(x)
+    z = model.sample_posterior(mu.detach(), logvar.detach(), 20_000).double()
+    mc = (log_normal_diag(z, mu.double(), logvar.double()) - log_normal_diag(z, 0 * z, 0 * z)).mean(0)
+    torch.testing.assert_close(model.rate(mu, logvar, z).double(), mc, atol=0.05, rtol=0.02)
+
+
+def test_iwae_bound_is_monotone_in_k_and_above_the_elbo(model_and_data):
+    model, x = model_and_data
+    torch.manual_seed(3)
+    bounds = iwae_bounds(model, x, (1, 8, 64, 512))
+    # nested groups make the ordering exact per example (Jensen), not just in expectation
+    assert (bounds[1] >= bounds[8] - 1e-9).all() and (bounds[8] >= bounds[64] - 1e-9).all()
+    assert (bounds[64] >= bounds[512] - 1e-9).all()
+    elbo_nll = held_out_ledger(model, (x,), samples=256).neg_elbo.double()
+    # -L_1 is a Monte Carlo -ELBO: it matches the ledger within noise, and IWAE(512) <= ELBO
+    assert bounds[1].mean().item() == pytest.approx(elbo_nll.mean().item(), abs=0.05 + 0.01 * abs(elbo_nll.mean().item()))
+    assert bounds[512].mean().item() <= elbo_nll.mean().item() + 1e-3
+    assert bounds[512].mean().item() < bounds[1].mean().item()
+
+
+def test_rate_splits_into_mutual_information_and_marginal_kl(model_and_data):
+    model, x = model_and_data
+    torch.manual_seed(4)
+    info = mutual_information(model, x)
+    assert info["mutual_info"] + info["marginal_kl"] == pytest.approx(info["rate_mc"], abs=1e-9)
+    assert 0 <= info["mutual_info"] <= math.log(len(x)) + 1e-9
+    rate = held_out_ledger(model, (x,), samples=256).terms["rate"]
+    assert info["rate_mc"] == pytest.approx(rate.mean().item(), abs=4 * rate.std().item() / math.sqrt(len(x)) + 0.05)
+    assert 0 <= info["active_units"] <= model.config.latent_dim
+
+
+def test_discrete_distortion_includes_the_dequantization_term():
+    x = continuous_data().mul(3).add(8).round().clamp(0, 16)
+    torch.manual_seed(0)
+    model = VAE(make_config(), x.shape[1], "discrete", levels=17)
+    y = model.observe(x)
+    assert ((y >= 0) & (y < 1)).all() and torch.equal((y * 17).floor(), x)
+    z = torch.zeros(1, len(x), 3)
+    out = model.decoder(z)
+    density_in_y = log_normal_diag(y, out, (2 * model.log_scale).expand_as(out))
+    torch.testing.assert_close(model.log_decoder(y, z), density_in_y - x.shape[1] * math.log(17))
+
+
+def test_non_finite_loss_stops_training_with_a_clear_error():
+    x = continuous_data()
+    x[5, 0] = float("nan")
+    model = VAE(make_config(), x.shape[1], "continuous")
+    with pytest.raises(TrainingError, match="NaN/inf in epoch 1"):
+        fit(model, (x,), (x,), TrainConfig(epochs=2, batch_size=64, lr=1e-3, eval_every=1), progress=False)
+
+
+def test_training_lowers_the_held_out_bound():
+    x = continuous_data(n=600)
+    torch.manual_seed(0)
+    model = VAE(make_config(), x.shape[1], "continuous")
+    before = held_out_ledger(model, (x[500:],), samples=16).means()["neg_elbo"]
+    seed_everything(0)
+    history = fit(model, (x[:500],), (x[500:],), TrainConfig(epochs=20, batch_size=64, lr=3e-3, eval_every=5),
+                  progress=False)
+    after = held_out_ledger(model, (x[500:],), samples=16).means()["neg_elbo"]
+    assert after < before - 1.0
+    epochs_with_test = [row["epoch"] for row in history if row["split"] == "test"]
+    assert epochs_with_test == [5, 10, 15, 20]
+    for row in history:
+        assert row["neg_elbo"] == pytest.approx(row["rate"] + row["distortion"])
+
+
+@pytest.mark.slow
+def test_linear_vae_reaches_the_ppca_maximum_likelihood():
+    """Data from a probabilistic-PCA model (Tipping & Bishop 1999). Its maximum
+    log-likelihood per example is closed form: with eigenvalues l_1 >= ... >= l_D of the
+    sample covariance and sigma^2 = mean(l_{q+1..D}),
+        max (1/N) log p(X) = -0.5 (D log 2 pi + sum_{i<=q} log l_i + (D - q) log sigma^2 + D).
+    A linear VAE with an isotropic Gaussian decoder has pPCA's marginal likelihood, and at
+    its optimum the posterior is exact, so the ELBO reaches that maximum (Lucas et al. 2019)."""
+    g = torch.Generator().manual_seed(0)
+    n, dim, q = 2000, 5, 2
+    w_true = torch.randn(dim, q, generator=g, dtype=torch.float64) * torch.tensor([2.0, 1.0], dtype=torch.float64)
+    x64 = torch.randn(n, q, generator=g, dtype=torch.float64) @ w_true.T + 0.5 * torch.randn(n, dim, generator=g, dtype=torch.float64) + 1.0
+    centered = x64 - x64.mean(0)
+    eigenvalues = torch.linalg.eigvalsh(centered.T @ centered / n).flip(0)
+    sigma2 = eigenvalues[q:].mean()
+    max_loglik = -0.5 * (dim * math.log(2 * math.pi) + eigenvalues[:q].log().sum() + (dim - q) * sigma2.log() + dim)
+
+    x = x64.float()
+    torch.manual_seed(0)
+    model = VAE(make_config(latent_dim=q, hidden=[], decoder_scale="isotropic"), dim, "continuous")
+    fit(model, (x,), (x,), TrainConfig(epochs=3000, batch_size=n, lr=1e-2, eval_every=3000), progress=False)
+    torch.manual_seed(1)
+    elbo = -held_out_ledger(model, (x,), samples=512).means()["neg_elbo"]
+    assert elbo <= max_loglik.item() + 0.01  # the ELBO cannot beat the maximum likelihood
+    assert elbo == pytest.approx(max_loglik.item(), abs=0.02)
