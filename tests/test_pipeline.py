@@ -20,6 +20,9 @@ def snakemake(repo: Path, workdir: Path, *args: str, check: bool = True) -> subp
     command = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(workdir),
                "--configfile", str(repo / "config" / "smoke.yaml"), "--cores", "2", *args]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    # The rules call the `klbench` console script; find it beside this interpreter even
+    # when the venv is not activated (e.g. `.venv/bin/python -m pytest`).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     if check and result.returncode != 0:
         pytest.fail(f"snakemake failed ({result.returncode}):\n{result.stderr[-4000:]}")

@@ -216,7 +216,11 @@ def _check_semantics(config: Mapping[str, Any]) -> None:
     for name in config["run"]["models"]:
         if name not in config["models"]:
             raise ConfigError(f"run.models: unknown model '{name}'; defined in `models`: {', '.join(config['models'])}")
-    checked_dataclass(EvalConfig, {**config["evaluate"], "iwae_k": tuple(config["evaluate"]["iwae_k"])}, "evaluate")
+    for name, block in [("evaluate", config["evaluate"])] + [
+        (f"datasets.{d}.evaluate", {**config["evaluate"], **b["evaluate"]}) for d, b in config["datasets"].items()
+        if "evaluate" in b
+    ]:
+        checked_dataclass(EvalConfig, {**block, "iwae_k": tuple(block["iwae_k"])}, name)
     for variant in expand_models(config).values():
         family_config(variant["family"], variant["params"], f"models.{variant['base']}")
 
@@ -257,13 +261,16 @@ def run_grid(config: Mapping[str, Any]) -> list[tuple[str, str, int]]:
 
 
 def resolve_run(config: Mapping[str, Any], dataset: str, model: str, seed: int) -> RunConfig:
-    """The RunConfig of one grid point: train settings = global < dataset < model overrides."""
+    """The RunConfig of one grid point: train settings = global < dataset < model overrides,
+    evaluate settings = global < dataset."""
     variants = expand_models(config)
     if model not in variants:
         raise ConfigError(f"unknown model '{model}'; variants in this config: {', '.join(variants)}")
     variant = variants[model]
     dataset_block = config["datasets"].get(dataset, {})
     train = {**config["train"], **dataset_block.get("train", {}), **variant["train"]}
+    evaluate = {**config["evaluate"], **dataset_block.get("evaluate", {})}
+    evaluate["iwae_k"] = tuple(evaluate["iwae_k"])
     return RunConfig.from_dict(
         {
             "dataset": dataset,
@@ -273,7 +280,7 @@ def resolve_run(config: Mapping[str, Any], dataset: str, model: str, seed: int) 
             "params": variant["params"],
             "seed": int(seed),
             "train": train,
-            "evaluate": {**config["evaluate"], "iwae_k": tuple(config["evaluate"]["iwae_k"])},
+            "evaluate": evaluate,
             "threads": config["threads"],
             "device": config["device"],
             "tracking_uri": config["tracking_uri"],

@@ -33,13 +33,16 @@ class Ledger:
 
     @property
     def neg_elbo(self) -> Tensor:
-        """-ELBO per example = the sum of the terms, shape (N,)."""
-        return torch.stack(list(self.terms.values())).sum(0)
+        """-ELBO per example = the sum of the terms, shape (N,), float64.
+
+        Summed in float64 so that mean(neg_elbo) = sum of the term means to double
+        precision, the identity every table relies on."""
+        return torch.stack([value.double() for value in self.terms.values()]).sum(0)
 
     def means(self) -> dict[str, float]:
         """Mean of every term and of neg_elbo over examples (float64), nats per example."""
         out = {name: value.double().mean().item() for name, value in self.terms.items()}
-        out["neg_elbo"] = self.neg_elbo.double().mean().item()
+        out["neg_elbo"] = self.neg_elbo.mean().item()
         return out
 
     @classmethod

@@ -16,6 +16,18 @@ def _pyplot():
     return plt
 
 
+def image_grid(images: np.ndarray, shape: tuple[int, int], n: int = 64) -> np.ndarray:
+    """Up to n flattened images tiled in a square grid with 1-pixel white gutters."""
+    n = min(n, len(images))
+    side = int(np.ceil(np.sqrt(n)))
+    height, width = shape[0] + 1, shape[1] + 1
+    grid = np.full((side * height, side * width), np.nan)
+    for i in range(n):
+        r, c = divmod(i, side)
+        grid[r * height : r * height + shape[0], c * width : c * width + shape[1]] = images[i].reshape(shape)
+    return grid
+
+
 def samples_figure(
     samples: np.ndarray, data: np.ndarray, shape: tuple[int, ...], title: str, path: Path
 ) -> None:
@@ -29,18 +41,11 @@ def samples_figure(
             ax.set_title(label)
             ax.set_aspect("equal")
     elif len(shape) == 2:
-        n = min(64, len(samples))
-        side = int(np.ceil(np.sqrt(n)))
-        grid = np.ones((side * (shape[0] + 1), side * (shape[1] + 1)))
-        for i in range(n):
-            r, c = divmod(i, side)
-            grid[r * (shape[0] + 1) : r * (shape[0] + 1) + shape[0], c * (shape[1] + 1) : c * (shape[1] + 1) + shape[1]] = (
-                samples[i].reshape(shape)
-            )
-        fig, ax = plt.subplots(figsize=(5, 5))
-        ax.imshow(grid, cmap="gray_r", interpolation="nearest")
-        ax.set_axis_off()
-        ax.set_title("model samples (decoder means)")
+        fig, axes = plt.subplots(1, 2, figsize=(9, 4.8))
+        for ax, images, label in ((axes[0], data, "held-out data"), (axes[1], samples, "model samples (decoder means)")):
+            ax.imshow(image_grid(images, shape), cmap="gray_r", interpolation="nearest", vmin=0, vmax=data.max())
+            ax.set_axis_off()
+            ax.set_title(label)
     else:
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
         for ax, rows, label in ((axes[0], data, "held-out data"), (axes[1], samples, "model samples")):

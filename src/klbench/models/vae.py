@@ -168,7 +168,8 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int) -> Tensor:
-        """Decoder means at z ~ m(z), in data units: (n, D)."""
+        """x ~ m(z) d(x|z) in data units, (n, D): full samples for continuous data (the
+        decoder noise is part of the density), decoder means for images (the usual display)."""
         if self.config.prior == "standard":
             z = torch.randn(n, self.config.latent_dim)
         else:
@@ -180,7 +181,7 @@ class VAE(nn.Module):
             return torch.sigmoid(out)
         if self.kind == "discrete":
             return (out * self.levels).clamp(0, self.levels - 1)
-        return out
+        return out + self.log_scale.exp() * torch.randn_like(out)
 
 
 def build(config: Config, dim: int, kind: str, levels: int | None = None) -> VAE:
