@@ -25,8 +25,18 @@ def test_default_config_is_valid_and_expands_sweeps(default):
     assert variants["vae-mog"]["params"]["prior"] == "mog"
     assert variants["vae"]["params"]["latent_dim"] == config["families"]["vae"]["latent_dim"]
     grid = run_grid(config)
-    assert len(grid) == len(config["run"]["datasets"]) * len(variants) * len(config["seeds"]) >= 3 * 4 * 3
+    vae_blocks = [b for b in config["run"] if "vae" in b["models"]]
+    vae_runs = [run for run in grid if variants[run[1]]["family"] == "vae"]
+    assert len(vae_runs) == len(vae_blocks[0]["datasets"]) * 7 * len(config["seeds"]) >= 3 * 4 * 3
     assert len(set(grid)) == len(grid)
+
+
+def test_grid_blocks_combine_without_repeats(default):
+    default["run"] = [{"datasets": ["checkerboard", "digits"], "models": ["vae"]},
+                      {"datasets": ["checkerboard"], "models": ["vae", "iwae"]}]
+    default["seeds"] = [0]
+    grid = run_grid(validate_config(default))
+    assert grid == [("checkerboard", "vae", 0), ("digits", "vae", 0), ("checkerboard", "iwae-k5", 0)]
 
 
 def test_smoke_config_merges_on_top_of_the_default(repo, default):
@@ -71,8 +81,10 @@ def test_seeds_given_as_strings_on_the_command_line_are_integers(default):
         (lambda c: c["models"]["vae"].update(params={"beta": -1.0}), "config key 'models.vae.params.beta'"),
         (lambda c: c["models"]["vae"].update(params={"bta": 2.0}), "unknown config key 'models.vae.params.bta'"),
         (lambda c: c["models"]["vae"].update(family="gan"), "config key 'models.vae.family'"),
-        (lambda c: c["run"].update(datasets=["mnist9k"]), "unknown dataset 'mnist9k'; known datasets: "),
-        (lambda c: c["run"].update(models=["vea"]), "run.models: unknown model 'vea'"),
+        (lambda c: c["run"][0].update(datasets=["mnist9k"]), "unknown dataset 'mnist9k'; known datasets: "),
+        (lambda c: c["run"][0].update(models=["vea"]), "run.0.models: unknown model 'vea'"),
+        (lambda c: c["run"][0].update(model=["vae"]), "unknown config key 'run.0.model'"),
+        (lambda c: c.update(run={"datasets": ["digits"], "models": ["vae"]}), "config key 'run'"),
         (lambda c: c.update(seeds=["a"]), "config key 'seeds.0'"),
         (lambda c: c.update(seeds=[0.5]), "config key 'seeds.0'"),
         (lambda c: c.update(seeds=[]), "config key 'seeds'"),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from klbench.data import DATASETS, load_dataset
+from klbench.data import DATASETS, PROFILES, load_dataset
 from klbench.data.idx import read_idx
 from klbench.data.images import _mnist1d_arrays
 from klbench.data.split import permutation_split
@@ -73,6 +73,16 @@ def test_loads_with_stated_shapes_kind_and_split(loaded, name):
 
 
 @pytest.mark.parametrize("name", PACKAGED)
+def test_static_profile_matches_the_loaded_dataset(loaded, name):
+    # the workflow schedules dataset/model pairs from PROFILES without loading any data
+    assert PROFILES[name] == (loaded[name].kind, loaded[name].target)
+
+
+def test_every_registered_dataset_has_a_profile():
+    assert set(PROFILES) == set(DATASETS)
+
+
+@pytest.mark.parametrize("name", sorted(PACKAGED))
 def test_loading_twice_gives_identical_data(loaded, name):
     first, again = loaded[name], load_dataset(name)
     assert again.data_hash == first.data_hash
@@ -256,6 +266,7 @@ def test_idx_images_and_labels_round_trip(idx_dir, name):
     assert torch.equal(data.y_train, torch.from_numpy(labels["train"]).long())
     assert torch.equal(data.y_test, torch.from_numpy(labels["t10k"]).long())
     assert (data.split["n_train"], data.split["n_test"]) == (20, 10)
+    assert PROFILES[name] == (data.kind, data.target)
     first = load_dataset(name, path=directory, n_train=5, n_test=3)
     assert torch.equal(first.x_train, data.x_train[:5]) and torch.equal(first.y_test, data.y_test[:3])
 

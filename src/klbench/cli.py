@@ -7,6 +7,7 @@ kept for bugs only.
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 from klbench.errors import CheckpointError, ConfigError, KlbenchError
@@ -54,8 +55,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"cannot read {run_dir / 'config.json'}: {error}") from None
     dataset = load_dataset(run.dataset, **run.dataset_options)
-    model = get_family(run.family).build(family_config(run.family, run.params, "params"), dataset.dim, dataset.kind,
-                                         dataset.levels)
+    family = get_family(run.family)
+    model = family.build(family_config(run.family, run.params, "params"), dataset)
     try:
         state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
         model.load_state_dict(state)
@@ -63,8 +64,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise CheckpointError(f"cannot load checkpoint {run_dir / 'model.pt'}: {str(error).splitlines()[0]}") from None
     torch.set_num_threads(run.threads)
     seed_everything(run.seed)
-    result = evaluate(model, run.family, dataset, run.evaluate)
-    print(json.dumps(result, indent=2))
+    with tempfile.TemporaryDirectory() as scratch:  # diagnostics' files are not wanted here
+        result = evaluate(model, family, dataset, run.evaluate, Path(scratch))
+    print(json.dumps(result.ledger, indent=2))
 
 
 def cmd_aggregate(args: argparse.Namespace) -> None:

@@ -207,15 +207,18 @@ def describe_schema_error(error: Any) -> str:
 def _check_semantics(config: Mapping[str, Any]) -> None:
     from klbench.data import DATASETS
 
-    for name in config["run"]["datasets"]:
-        if name not in DATASETS:
-            raise ConfigError(f"run.datasets: unknown dataset '{name}'; known datasets: {', '.join(sorted(DATASETS))}")
+    for i, block in enumerate(config["run"]):
+        for name in block["datasets"]:
+            if name not in DATASETS:
+                raise ConfigError(f"run.{i}.datasets: unknown dataset '{name}'; "
+                                  f"known datasets: {', '.join(sorted(DATASETS))}")
+        for name in block["models"]:
+            if name not in config["models"]:
+                raise ConfigError(f"run.{i}.models: unknown model '{name}'; "
+                                  f"defined in `models`: {', '.join(config['models'])}")
     for name in config["datasets"]:
         if name not in DATASETS:
             raise ConfigError(f"datasets: unknown dataset '{name}'; known datasets: {', '.join(sorted(DATASETS))}")
-    for name in config["run"]["models"]:
-        if name not in config["models"]:
-            raise ConfigError(f"run.models: unknown model '{name}'; defined in `models`: {', '.join(config['models'])}")
     for name, block in [("evaluate", config["evaluate"])] + [
         (f"datasets.{d}.evaluate", {**config["evaluate"], **b["evaluate"]}) for d, b in config["datasets"].items()
         if "evaluate" in b
@@ -223,6 +226,9 @@ def _check_semantics(config: Mapping[str, Any]) -> None:
         checked_dataclass(EvalConfig, {**block, "iwae_k": tuple(block["iwae_k"])}, name)
     for variant in expand_models(config).values():
         family_config(variant["family"], variant["params"], f"models.{variant['base']}")
+    if not run_grid(config):
+        raise ConfigError("the grid is empty: no model in `run` can train on any dataset listed with it "
+                          "(e.g. a classifier needs labelled data)")
 
 
 def _sweep_name(base: str, key: str, value: Any) -> str:
@@ -252,12 +258,20 @@ def expand_models(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def run_grid(config: Mapping[str, Any]) -> list[tuple[str, str, int]]:
-    """(dataset, model variant, seed) for every run the config asks for."""
+    """(dataset, model variant, seed) for every run the config asks for, keeping only the
+    pairs whose family can model the dataset (e.g. no classifier on unlabelled 2-D data)."""
+    from klbench.data import PROFILES
+    from klbench.models import get_family, supports
+
     variants = expand_models(config)
-    selected = [
-        name for name, v in variants.items() if v["base"] in config["run"]["models"] or name in config["run"]["models"]
-    ]
-    return [(d, m, s) for d in config["run"]["datasets"] for m in selected for s in config["seeds"]]
+    grid: dict[tuple[str, str, int], None] = {}  # ordered and without repeats across blocks
+    for block in config["run"]:
+        selected = [name for name, v in variants.items() if v["base"] in block["models"] or name in block["models"]]
+        for d in block["datasets"]:
+            for m in selected:
+                if supports(get_family(variants[m]["family"]), *PROFILES[d]):
+                    grid.update({(d, m, s): None for s in config["seeds"]})
+    return list(grid)
 
 
 def resolve_run(config: Mapping[str, Any], dataset: str, model: str, seed: int) -> RunConfig:

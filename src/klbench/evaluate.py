@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -74,12 +77,26 @@ def mutual_information(model: nn.Module, x: Tensor) -> dict[str, float]:
     }
 
 
-def vae_diagnostics(
-    model: nn.Module, dataset: Dataset, ledger: Ledger, config: EvalConfig
-) -> tuple[dict[str, Any], Tensor]:
+@dataclass
+class Diagnostics:
+    """What a family's evaluation adds to its ledger.
+
+    values: numbers (nested dicts allowed) for ledger.json's "diagnostics" and MLflow.
+    nll_bound: a per-example bound on -log q(x) tighter than the ELBO, for the first
+        n <= N held-out examples (gives inference_gap / model_gap), or None.
+    curves: name -> values on a fixed grid (e.g. the loss per log-SNR), logged to MLflow
+        with step = grid index; the family also writes them as CSV into the run directory.
+    """
+
+    values: dict[str, Any]
+    nll_bound: Tensor | None = None
+    curves: dict[str, list[float]] = field(default_factory=dict)
+
+
+def vae_diagnostics(model: nn.Module, dataset: Dataset, ledger: Ledger, config: EvalConfig, out_dir: Path) -> Diagnostics:
     """IWAE bounds at every k, I(X;Z) and marginal KL, active units, and the
-    H - D <= I <= R bounds (Alemi et al. 2018) where H is known.
-    Returns (diagnostics, per-example -L_K at the largest k)."""
+    H - D <= I <= R bounds (Alemi et al. 2018) where H is known; nll_bound is the
+    per-example -L_K at the largest k."""
     x_iwae = dataset.x_test[: config.iwae_examples]
     bounds = iwae_bounds(model, x_iwae, config.iwae_k)
     diagnostics: dict[str, Any] = {"iwae_nll": {str(k): v.double().mean().item() for k, v in bounds.items()}}
@@ -95,26 +112,43 @@ def vae_diagnostics(
             "h_minus_d_le_i": h_minus_d <= diagnostics["mutual_info"],
             "i_le_r": diagnostics["mutual_info"] <= means["rate"],
         }
-    return diagnostics, bounds[max(config.iwae_k)]
+    return Diagnostics(diagnostics, nll_bound=bounds[max(config.iwae_k)])
 
 
-DIAGNOSTICS: dict[str, Callable[..., tuple[dict[str, Any], Tensor | None]]] = {"vae": vae_diagnostics}
+# family name -> diagnostics(model, dataset, ledger, config, out_dir), where out_dir is the
+# run's staging folder for any files (CSV, figures) the family adds to the run directory.
+DIAGNOSTICS: dict[str, Callable[[nn.Module, Dataset, Ledger, EvalConfig, Path], Diagnostics]] = {
+    "vae": vae_diagnostics,
+}
 
 
-def evaluate(model: nn.Module, family: str, dataset: Dataset, config: EvalConfig) -> dict[str, Any]:
+def split_tensors(family: ModuleType, dataset: Dataset, split: str) -> tuple[Tensor, ...]:
+    """The batch tensors of one split: (x,) or, for a supervised family, (x, y)."""
+    x = getattr(dataset, f"x_{split}")
+    return (x, getattr(dataset, f"y_{split}")) if family.SUPERVISED else (x,)
+
+
+@dataclass
+class Evaluation:
+    ledger: dict[str, Any]  # {"terms", "derived", "diagnostics"} for ledger.json
+    curves: dict[str, list[float]]
+
+
+def evaluate(model: nn.Module, family: ModuleType, dataset: Dataset, config: EvalConfig, out_dir: Path) -> Evaluation:
     """Final held-out ledger (with config.samples draws per example) + derived + diagnostics."""
     model.eval()
-    ledger = held_out_ledger(model, (dataset.x_test,), samples=config.samples)
-    diagnostics, nll_bound = DIAGNOSTICS[family](model, dataset, ledger, config)
+    ledger = held_out_ledger(model, split_tensors(family, dataset, "test"), samples=config.samples)
+    diagnostics = DIAGNOSTICS[family.FAMILY](model, dataset, ledger, config, out_dir)
     entropy: float | Tensor | None = dataset.entropy
-    if dataset.log_density is not None:
+    if dataset.log_density is not None and not family.SUPERVISED:
         entropy = -dataset.log_density(dataset.x_test).to(ledger.neg_elbo.dtype)
-    derived = derived_quantities(ledger.neg_elbo, dataset.dim, dataset.image_like, entropy, nll_bound)
+    # bits per dimension are a unit of density models of x; a classifier's nll is of y
+    per_dim = dataset.image_like and not family.SUPERVISED
+    derived = derived_quantities(ledger.neg_elbo, dataset.dim, per_dim, entropy, diagnostics.nll_bound)
     if dataset.entropy is not None:
         derived["data_entropy_true"] = dataset.entropy
     means = ledger.means()
-    return {
-        "terms": {name: means[name] for name in ledger.terms},
-        "derived": derived,
-        "diagnostics": diagnostics,
-    }
+    return Evaluation(
+        {"terms": {name: means[name] for name in ledger.terms}, "derived": derived, "diagnostics": diagnostics.values},
+        diagnostics.curves,
+    )

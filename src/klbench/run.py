@@ -19,8 +19,9 @@ import torch
 
 from klbench.config import RunConfig, family_config
 from klbench.data import load_dataset
-from klbench.evaluate import evaluate
-from klbench.models import get_family
+from klbench.errors import ConfigError
+from klbench.evaluate import evaluate, split_tensors
+from klbench.models import get_family, supports
 from klbench.plots import samples_figure
 from klbench.provenance import device_name, git_state, resolve_device, versions
 from klbench.tracking import RunTracker, flatten, resolve_tracking_uri
@@ -50,6 +51,14 @@ def metrics_of(split: str, values: dict[str, Any]) -> dict[str, float]:
     return {f"{split}/{k}": float(v) for k, v in flatten(values) if isinstance(v, (int, float))}
 
 
+def clear_run_files(out_dir: Path) -> None:
+    """Remove the files of a previous attempt at this run (the directory is the run's own;
+    the log, which Snakemake keeps elsewhere, is never here)."""
+    for path in out_dir.iterdir():
+        if path.is_file():
+            path.unlink()
+
+
 def _log_line(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -62,17 +71,15 @@ def execute_run(run: RunConfig, out_dir: Path, progress: bool | None = None) -> 
     family = get_family(run.family)
     model_config = family_config(run.family, run.params, f"models.{run.model}.params")
     dataset = load_dataset(run.dataset, **run.dataset_options)
-    if dataset.kind not in family.DATA_KINDS:
-        from klbench.errors import ConfigError
-
-        raise ConfigError(f"model family '{run.family}' does not model {dataset.kind} data ({run.dataset})")
+    if not supports(family, dataset.kind, dataset.target):
+        raise ConfigError(f"model family '{run.family}' cannot train on {run.dataset} "
+                          f"({dataset.kind} data, targets: {dataset.target or 'none'})")
 
     out_dir = Path(out_dir)
     staging = out_dir / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for name in RUN_FILES:  # a re-run replaces the whole run, never half of it
-        (out_dir / name).unlink(missing_ok=True)
+    clear_run_files(out_dir)  # a re-run replaces the whole run, never half of it
 
     provenance = {**git_state(), "device": device_name(device), **{f"version.{k}": v for k, v in versions().items()}}
     tags = {"dataset": run.dataset, "family": run.family, "model": run.model, "seed": run.seed,
@@ -81,8 +88,9 @@ def execute_run(run: RunConfig, out_dir: Path, progress: bool | None = None) -> 
     tracker.start()
     try:
         seed_everything(run.seed)
-        model = family.build(model_config, dataset.dim, dataset.kind, dataset.levels).to(device)
-        train_tensors, test_tensors = (dataset.x_train.to(device),), (dataset.x_test.to(device),)
+        model = family.build(model_config, dataset).to(device)
+        train_tensors = tuple(t.to(device) for t in split_tensors(family, dataset, "train"))
+        test_tensors = tuple(t.to(device) for t in split_tensors(family, dataset, "test"))
 
         def on_epoch(epoch: int, means: dict[str, dict[str, float]]) -> None:
             metrics = {f"{split}/{k}": v for split, values in means.items() for k, v in values.items()}
@@ -101,9 +109,11 @@ def execute_run(run: RunConfig, out_dir: Path, progress: bool | None = None) -> 
         eval_start = time.perf_counter()
         seed_everything(run.seed)  # the evaluation's Monte Carlo draws do not depend on training length
         model = model.cpu()
-        result = evaluate(model, run.family, dataset, run.evaluate)
-        samples = model.sample(SAMPLES).numpy()
-        samples_figure(samples, dataset.x_test.numpy(), dataset.shape, f"{run.run_key}", staging / "samples.png")
+        evaluation = evaluate(model, family, dataset, run.evaluate, staging)
+        result = evaluation.ledger
+        if hasattr(model, "sample"):  # supervised families draw their own samples.png (a predictive plot)
+            samples = model.sample(SAMPLES).numpy()
+            samples_figure(samples, dataset.x_test.numpy(), dataset.shape, f"{run.run_key}", staging / "samples.png")
         eval_seconds = time.perf_counter() - eval_start
 
         final_train = next(row for row in reversed(history) if row["split"] == "train")
@@ -112,6 +122,7 @@ def execute_run(run: RunConfig, out_dir: Path, progress: bool | None = None) -> 
              **metrics_of("test", result["diagnostics"])},
             step=run.train.epochs,
         )
+        tracker.log_curves({f"test/curve/{name}": values for name, values in evaluation.curves.items()})
         write_json(staging / "mlflow.json", tracker.describe())
         ledger = {
             "run": {"key": run.run_key, "dataset": run.dataset, "model": run.model, "family": run.family,
@@ -125,15 +136,18 @@ def execute_run(run: RunConfig, out_dir: Path, progress: bool | None = None) -> 
                        "total_s": time.perf_counter() - started},
         }
         write_json(staging / "ledger.json", ledger)
-        for name in RUN_FILES:  # ledger.json last: its presence means the run is complete
+        missing = [name for name in RUN_FILES if not (staging / name).exists()]
+        if missing:
+            raise RuntimeError(f"run {run.run_key} did not produce {', '.join(missing)} (a bug in its family)")
+        files = sorted(p.name for p in staging.iterdir() if p.name != "ledger.json") + ["ledger.json"]
+        for name in files:  # ledger.json last: its presence means the run is complete
             os.replace(staging / name, out_dir / name)
         staging.rmdir()
-        tracker.log_artifacts([out_dir / name for name in RUN_FILES])
+        tracker.log_artifacts([out_dir / name for name in files])
         tracker.finish("FINISHED")
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        for name in RUN_FILES:  # only this run's files can be here: they were removed at the start
-            (out_dir / name).unlink(missing_ok=True)
+        clear_run_files(out_dir)  # only this run's files can be here: they were removed at the start
         try:
             tracker.finish("FAILED")
         except Exception as error:  # the original error matters more than a failed status update

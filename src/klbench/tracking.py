@@ -135,6 +135,18 @@ class RunTracker:
         for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=chunk)
 
+    def log_curves(self, curves: Mapping[str, list[float]]) -> None:
+        """Each curve as one metric history with step = grid index, all in one batch."""
+        self._timed(self._log_curves, curves)
+
+    def _log_curves(self, curves: Mapping[str, list[float]]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(name, float(v), now, i) for name, values in curves.items() for i, v in enumerate(values)]
+        for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=chunk)
+
     def log_artifacts(self, paths: list[Path]) -> None:
         for path in paths:
             self._timed(self.client.log_artifact, self.run_id, str(path))

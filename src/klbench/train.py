@@ -74,8 +74,9 @@ def fit(
     for epoch in epochs:
         running = RunningMeans()
         finite = torch.ones((), dtype=torch.bool, device=train[0].device)
-        for batch_idx in torch.randperm(n, device=train[0].device).split(config.batch_size):
-            objective, terms = model.loss(*(t[batch_idx] for t in train))
+        batches = torch.randperm(n, device=train[0].device).split(config.batch_size)
+        for batch_index, rows in enumerate(batches):
+            objective, terms = model.loss(*(t[rows] for t in train), batch_index=batch_index, num_batches=len(batches))
             optimizer.zero_grad(set_to_none=True)
             objective.backward()
             optimizer.step()

@@ -16,7 +16,7 @@ from klbench.data.mnist_files import fashion_mnist, mnist
 from klbench.data.toy2d import checkerboard, eight_gaussians, two_moons
 from klbench.errors import DataError
 
-__all__ = ["DATASETS", "Dataset", "hash_tensors", "load_dataset"]
+__all__ = ["DATASETS", "PROFILES", "Dataset", "hash_tensors", "load_dataset"]
 
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "eight_gaussians": eight_gaussians,
@@ -27,6 +27,20 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "mnist1d": mnist1d,
     "mnist": mnist,
     "fashion_mnist": fashion_mnist,
+}
+
+# (kind, target) of every dataset, known without loading it, so that the workflow can
+# decide which dataset/model pairs to schedule at parse time. tests/test_data.py checks
+# each entry against the loaded dataset.
+PROFILES: dict[str, tuple[str, str | None]] = {
+    "eight_gaussians": ("continuous", "class"),  # y: the mixture component
+    "checkerboard": ("continuous", "class"),  # y: the square
+    "two_moons": ("continuous", "class"),  # y: the moon
+    "digits": ("discrete", "class"),
+    "mnist5k": ("binary", "class"),
+    "mnist1d": ("continuous", "class"),
+    "mnist": ("binary", "class"),
+    "fashion_mnist": ("binary", "class"),
 }
 
 

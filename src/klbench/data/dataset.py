@@ -73,6 +73,13 @@ class Dataset:
         return self.x_train.shape[1]
 
     @property
+    def target(self) -> str | None:
+        """What y holds: "class" labels (int64), "real" values (float), or None (no y)."""
+        if self.y_train is None:
+            return None
+        return "class" if self.y_train.dtype == torch.int64 else "real"
+
+    @property
     def image_like(self) -> bool:
         """Whether results are also reported in bits per dimension (binary and discrete data)."""
         return self.kind in ("binary", "discrete")

@@ -18,17 +18,24 @@ Decoders by data kind:
   so the distortion includes the D log L term and the bound is on the discrete data.
 """
 
+from __future__ import annotations
+
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from klbench.kl import kl_normal_std_normal, log_normal_diag
 
+if TYPE_CHECKING:
+    from klbench.data import Dataset
+
 FAMILY = "vae"
 TERMS = ("rate", "distortion")
 DATA_KINDS = ("continuous", "binary", "discrete")
+SUPERVISED = False
 
 # Keep exp(logvar) finite in float32 early in training; no trained model comes near these.
 LOGVAR_MIN, LOGVAR_MAX = -14.0, 10.0
@@ -133,9 +140,10 @@ class VAE(nn.Module):
 
     # --- what the training loop and the evaluation call -------------------------------
 
-    def loss(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, x: Tensor, batch_index: int, num_batches: int) -> tuple[Tensor, dict[str, Tensor]]:
         """Training objective (scalar, weighted by beta / importance-weighted for k > 1)
-        and the unweighted per-example ledger terms of this batch."""
+        and the unweighted per-example ledger terms of this batch. The VAE weights every
+        batch alike, so the batch position is unused."""
         y = self.observe(x)
         mu, logvar = self.encode(y)
         z = self.sample_posterior(mu, logvar, self.config.k)  # (k, B, L)
@@ -184,5 +192,5 @@ class VAE(nn.Module):
         return out + self.log_scale.exp() * torch.randn_like(out)
 
 
-def build(config: Config, dim: int, kind: str, levels: int | None = None) -> VAE:
-    return VAE(config, dim, kind, levels)
+def build(config: Config, dataset: Dataset) -> VAE:
+    return VAE(config, dataset.dim, dataset.kind, dataset.levels)
