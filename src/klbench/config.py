@@ -49,6 +49,8 @@ class EvalConfig:
     samples: int
     iwae_k: tuple[int, ...]
     iwae_examples: int
+    curve_points: int
+    ece_bins: int
 
     def __post_init__(self) -> None:
         largest = max(self.iwae_k)
