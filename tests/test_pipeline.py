@@ -44,7 +44,7 @@ def test_every_run_directory_is_complete_and_its_ledger_adds_up(smoke):
     assert len(grid) == 8
     for dataset, model, seed in grid:
         run_dir = workdir / "results" / "runs" / dataset / model / f"seed{seed}"
-        for name in ("ledger.json", "history.csv", "config.json", "model.pt", "samples.png", "mlflow.json"):
+        for name in ("ledger.json", "history.csv", "config.json", "model.pt", "samples.png", "mlflow.json", "timing.json"):
             assert (run_dir / name).stat().st_size > 0, f"{run_dir / name} missing or empty"
         assert not (run_dir / ".staging").exists()
         ledger = json.loads((run_dir / "ledger.json").read_text())

@@ -41,15 +41,24 @@ def test_a_run_writes_its_directory_and_one_finished_mlflow_run(tiny):
     assert tracked["tracking_uri"] == f"sqlite:///{tmp / 'mlflow.db'}"
     (finished,) = runs_of(tracked["tracking_uri"])
     assert finished.info.run_id == tracked["run_id"] and finished.info.status == "FINISHED"
-    assert ledger["timing"]["tracking_s"] < ledger["timing"]["total_s"]
+    timing = json.loads((tmp / "out" / "timing.json").read_text())
+    assert 0 < timing["tracking_s"] < timing["total_s"]
+    assert "timing" not in ledger
 
 
-def test_same_seed_same_threads_gives_the_same_ledger(tiny):
+def test_verify_finds_a_rerun_identical_byte_for_byte_and_names_a_changed_number(tiny):
     run, tmp = tiny
-    first = execute_run(run, tmp / "a", progress=False)
-    second = execute_run(run, tmp / "b", progress=False)
-    for part in ("terms", "derived", "diagnostics", "train"):
-        assert first[part] == second[part]
+    execute_run(run, tmp / "a", progress=False)
+    stored = (tmp / "a" / "ledger.json").read_bytes()
+    result = klbench("verify", str(tmp / "a"), cwd=tmp)
+    assert result.returncode == 0 and "identical" in result.stdout, result.stderr
+    assert len(runs_of(f"sqlite:///{tmp / 'mlflow.db'}")) == 1  # the re-run went to a throwaway store
+    ledger = json.loads(stored)
+    ledger["terms"]["rate"] += 1e-9
+    (tmp / "a" / "ledger.json").write_text(json.dumps(ledger, indent=2) + "\n")
+    result = klbench("verify", str(tmp / "a"), cwd=tmp)
+    assert result.returncode == 1
+    assert "differs in 1 value(s)" in result.stdout and "terms.rate:" in result.stdout and "abs 1e-09" in result.stdout
 
 
 def test_a_diverging_run_fails_cleanly(tiny):

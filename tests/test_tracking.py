@@ -52,6 +52,24 @@ def test_more_metrics_than_one_batch_holds_are_all_logged(store):
     assert len(MlflowClient(store).get_run(t.run_id).data.metrics) == 2500
 
 
+def test_metrics_are_written_in_timed_batches_and_flushed_by_a_failed_finish(store, monkeypatch):
+    import klbench.tracking
+
+    t = tracker(store)
+    t.start()
+    client = MlflowClient(store)
+    t.log_metrics({"train/rate": 1.0}, step=1)
+    assert "train/rate" not in client.get_run(t.run_id).data.metrics  # queued, not yet a SQLite write
+    monkeypatch.setattr(klbench.tracking, "FLUSH_SECONDS", 0.0)
+    t.log_metrics({"train/rate": 2.0}, step=2)  # the interval has passed: both steps go out
+    assert len(client.get_metric_history(t.run_id, "train/rate")) == 2
+    monkeypatch.setattr(klbench.tracking, "FLUSH_SECONDS", 3600.0)
+    t.log_metrics({"train/rate": 3.0}, step=3)
+    t.finish("FAILED")
+    run = client.get_run(t.run_id)
+    assert run.info.status == "FAILED" and len(client.get_metric_history(t.run_id, "train/rate")) == 3
+
+
 def test_rerun_supersedes_the_older_finished_run_and_closes_stale_running_ones(store):
     first = tracker(store)
     first.start()

@@ -28,13 +28,18 @@ def ledger_row(ledger: dict[str, Any]) -> dict[str, Any]:
     row.update(ledger["terms"])
     row.update(ledger["derived"])
     row.update({k: v for k, v in flatten(ledger["diagnostics"]) if not isinstance(v, (list, dict))})
-    row.update({f"timing.{k}": v for k, v in ledger["timing"].items()})
     return row
+
+
+def read_timing(ledger_path: Path) -> dict[str, float]:
+    """timing.json beside a ledger (wall-clock seconds), or nothing if it is absent."""
+    path = Path(ledger_path).with_name("timing.json")
+    return {f"timing.{k}": v for k, v in read_ledger(path).items()} if path.exists() else {}
 
 
 def summary_table(ledger_paths: list[Path]) -> pd.DataFrame:
     """One row per run, sorted by dataset, model and seed."""
-    rows = [ledger_row(read_ledger(p)) for p in ledger_paths]
+    rows = [{**ledger_row(read_ledger(p)), **read_timing(p)} for p in ledger_paths]
     if not rows:
         raise DataError("no ledgers to aggregate; run the training jobs first")
     return pd.DataFrame(rows).sort_values(list(KEY_COLUMNS[:2]) + ["seed"]).reset_index(drop=True)

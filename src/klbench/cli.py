@@ -1,4 +1,4 @@
-"""Command line: `klbench train | evaluate | aggregate | grid | init-tracking`.
+"""Command line: `klbench train | evaluate | verify | aggregate | grid | init-tracking`.
 
 User errors (KlbenchError) end in one line on stderr and exit code 2; the traceback is
 kept for bugs only.
@@ -69,6 +69,19 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(result.ledger, indent=2))
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from klbench.verify import verify_run
+
+    result = verify_run(Path(args.run_dir))
+    if result.identical:
+        print(f"{args.run_dir}: identical (ledger.json byte for byte)")
+        return 0
+    print(f"{args.run_dir}: differs in {len(result.differences)} value(s):")
+    for difference in result.differences:
+        print(f"  {difference.describe()}")
+    return 1
+
+
 def cmd_aggregate(args: argparse.Namespace) -> None:
     from klbench.aggregate import write_summary
 
@@ -111,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir")
     evaluate.set_defaults(func=cmd_evaluate)
 
+    verify = commands.add_parser("verify", help="re-run a finished run in a temporary folder; is ledger.json identical?")
+    verify.add_argument("run_dir")
+    verify.set_defaults(func=cmd_verify)
+
     aggregate = commands.add_parser("aggregate", help="ledger.json files -> summary CSV (one row per run)")
     aggregate.add_argument("ledgers", nargs="+")
     aggregate.add_argument("--out", required=True)
@@ -130,14 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except KlbenchError as error:
         print(f"klbench: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("klbench: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ RUN_KEY_TAG = "klbench.run_key"
 SUPERSEDED_TAG = "klbench.superseded"
 # MLflow's per-request limits of log_batch.
 MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH = 1000, 100
+# Metrics are buffered and written at most this often (and at the end): with 8 jobs
+# sharing one SQLite file each write waits for the others' locks, so writes per epoch
+# would cost more than short epochs; every few seconds still shows live curves in the UI.
+FLUSH_SECONDS = 5.0
 
 # Quiet MLflow's INFO chatter in job logs, unless the user asked for it.
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
@@ -88,6 +92,8 @@ class RunTracker:
         self.uri, self.experiment, self.run_key = uri, experiment, run_key
         self.seconds = 0.0
         self.run_id: str | None = None
+        self._pending: list = []
+        self._last_flush = time.monotonic()
         self.experiment_id: str | None = None
         self._tags, self._params = dict(tags), dict(params)
 
@@ -124,28 +130,30 @@ class RunTracker:
         return self.client.search_runs([self.experiment_id], filter_string=query, max_results=1000)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        """All metrics of one step in as few requests as MLflow allows."""
-        self._timed(self._log_metrics, metrics, step)
-
-    def _log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=chunk)
+        """Queue the metrics of one step; written in batches every FLUSH_SECONDS and at the end."""
+        self._timed(self._queue, [(k, v, step) for k, v in metrics.items()])
 
     def log_curves(self, curves: Mapping[str, list[float]]) -> None:
-        """Each curve as one metric history with step = grid index, all in one batch."""
-        self._timed(self._log_curves, curves)
+        """Queue each curve as one metric history with step = grid index."""
+        self._timed(self._queue, [(name, v, i) for name, values in curves.items() for i, v in enumerate(values)])
 
-    def _log_curves(self, curves: Mapping[str, list[float]]) -> None:
+    def _queue(self, points: list[tuple[str, float, int]]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(name, float(v), now, i) for name, values in curves.items() for i, v in enumerate(values)]
-        for chunk in _chunks(batch, MAX_METRICS_PER_BATCH):
+        self._pending.extend(Metric(name, float(value), now, step) for name, value, step in points)
+        if time.monotonic() - self._last_flush >= FLUSH_SECONDS:
+            self._flush()
+
+    def flush(self) -> None:
+        """Write every queued metric now."""
+        self._timed(self._flush)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for chunk in _chunks(pending, MAX_METRICS_PER_BATCH):
             self.client.log_batch(self.run_id, metrics=chunk)
+        self._last_flush = time.monotonic()
 
     def log_artifacts(self, paths: list[Path]) -> None:
         for path in paths:
@@ -158,6 +166,7 @@ class RunTracker:
         self._timed(self._finish, status)
 
     def _finish(self, status: str) -> None:
+        self._flush()  # also for a failed run: its curves up to the failure are worth seeing
         self.client.set_terminated(self.run_id, status)
         if status == "FINISHED":
             for older in self._runs_of_key("FINISHED"):

@@ -6,6 +6,7 @@ rule train:
         model=RUN_DIR + "/model.pt",
         samples=RUN_DIR + "/samples.png",
         mlflow=RUN_DIR + "/mlflow.json",
+        timing=RUN_DIR + "/timing.json",
     log:
         RESULTS + "/logs/train/{dataset}/{model}/seed{seed}.log",
     params:
