@@ -57,11 +57,19 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     dataset = load_dataset(run.dataset, **run.dataset_options)
     family = get_family(run.family)
     model = family.build(family_config(run.family, run.params, "params"), dataset)
+    checkpoint = run_dir / "model.pt"
     try:
-        state = torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+        # weights_only: a checkpoint is data, never code to unpickle
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for a corrupt file
+        # (not torch's own message: it suggests weights_only=False, i.e. running untrusted code)
+        raise CheckpointError(f"cannot load checkpoint {checkpoint}: not a readable state_dict "
+                              f"({type(error).__name__}); re-run the training job to rebuild it") from None
+    try:
         model.load_state_dict(state)
-    except Exception as error:  # torch raises several types for a corrupt or mismatched file
-        raise CheckpointError(f"cannot load checkpoint {run_dir / 'model.pt'}: {str(error).splitlines()[0]}") from None
+    except RuntimeError as error:
+        raise CheckpointError(f"checkpoint {checkpoint} does not fit the model in config.json: "
+                              f"{str(error).splitlines()[0]}") from None
     torch.set_num_threads(run.threads)
     seed_everything(run.seed)
     with tempfile.TemporaryDirectory() as scratch:  # diagnostics' files are not wanted here

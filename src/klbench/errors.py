@@ -26,3 +26,7 @@ class CheckpointError(KlbenchError):
 
 class TrackingError(KlbenchError):
     """The MLflow tracking store cannot be reached or written."""
+
+
+class OutputError(KlbenchError):
+    """The results folder cannot be written."""

@@ -19,7 +19,7 @@ import torch
 
 from klbench.config import RunConfig, family_config
 from klbench.data import load_dataset
-from klbench.errors import ConfigError
+from klbench.errors import ConfigError, OutputError
 from klbench.evaluate import evaluate, split_tensors
 from klbench.models import get_family, supports
 from klbench.plots import samples_figure
@@ -84,17 +84,21 @@ def execute_run(
 
     out_dir = Path(out_dir)
     staging = out_dir / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    clear_run_files(out_dir)  # a re-run replaces the whole run, never half of it
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        clear_run_files(out_dir)  # a re-run replaces the whole run, never half of it
+    except OSError as error:
+        raise OutputError(f"cannot write the run directory {out_dir}: {error.strerror}; "
+                          "choose another --out or results_dir") from None
 
     provenance = {**git_state(), "device": device_name(device), **{f"version.{k}": v for k, v in versions().items()}}
     tags = {"dataset": run.dataset, "family": run.family, "model": run.model, "seed": run.seed,
             "config_hash": run.config_hash(), "data_hash": dataset.data_hash, **provenance}
     uri = tracking_uri or resolve_tracking_uri(run.tracking_uri)
     tracker = RunTracker(uri, run.family, run.run_key, tags, run.to_dict())
-    tracker.start()
     try:
+        tracker.start()
         seed_everything(run.seed)
         model = family.build(model_config, dataset).to(device)
         train_tensors = tuple(t.to(device) for t in split_tensors(family, dataset, "train"))

@@ -8,6 +8,7 @@ left RUNNING by a killed job is closed as KILLED when its key starts again.
 """
 
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -27,6 +28,10 @@ FLUSH_SECONDS = 5.0
 # Quiet MLflow's INFO chatter in job logs, unless the user asked for it.
 os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+# An unreachable tracking server should fail a job in seconds, not after MLflow's default
+# minutes of retries with backoff; set these yourself for a flaky remote server.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
 
 
 def resolve_tracking_uri(config_uri: str | None) -> str:
@@ -56,8 +61,13 @@ def ensure_experiment(client: Any, name: str) -> str:
 
 
 def _first_line(error: Exception) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+    """The gist of an MLflow/SQLAlchemy error: its type and first line, at most ~200 characters."""
+    text = str(error).strip()
+    refused = re.search(r"\[Errno \d+\] [^\"')]+", text)
+    if refused:  # requests buries the reason in a long retry message
+        return f"cannot connect ({refused.group(0)})"
+    line = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {line[:200]}{'...' if len(line) > 200 else ''}"
 
 
 def init_store(uri: str, experiments: list[str]) -> None:

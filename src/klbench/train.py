@@ -84,13 +84,13 @@ def fit(
             finite &= torch.isfinite(objective.detach())
         if not finite.item():
             raise TrainingError(
-                f"training loss became NaN/inf in epoch {epoch}; lower train.lr (now {config.lr}) or check the data"
+                f"training loss became NaN/inf in epoch {epoch}; lower train.lr (now {config.lr:g}) or check the data"
             )
         means = {"train": running.means()}
         if epoch % config.eval_every == 0 or epoch == config.epochs:
             means["test"] = held_out_ledger(model, test, samples=1).means()
             if not all(np.isfinite(v) for v in means["test"].values()):
-                raise TrainingError(f"held-out ledger is NaN/inf after epoch {epoch}; lower train.lr (now {config.lr})")
+                raise TrainingError(f"held-out ledger is NaN/inf after epoch {epoch}; lower train.lr (now {config.lr:g})")
         wall = time.perf_counter() - start
         for split, values in means.items():
             history.append({"epoch": epoch, "split": split, **values, "wall_time": wall})
