@@ -1,9 +1,31 @@
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def snakemake_command(workdir: Path, *configfiles: Path | str, args: tuple[str, ...] = ()) -> tuple[list[str], dict]:
+    """Command and environment to run the real workflow on the default config plus
+    `configfiles`, in workdir, with MLflow's default store there."""
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
+               "--configfile", *map(str, configfiles), "--cores", "2", *args]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    # The rules call the `klbench` console script; find it beside this interpreter even
+    # when the venv is not activated (e.g. `.venv/bin/python -m pytest`).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return command, env
+
+
+def run_snakemake(workdir: Path, *configfiles: Path | str, args: tuple[str, ...] = (), check: bool = True):
+    command, env = snakemake_command(workdir, *configfiles, args=args)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    if check and result.returncode != 0:
+        pytest.fail(f"snakemake failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    return result
 
 
 @pytest.fixture(autouse=True)

@@ -11,22 +11,14 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import run_snakemake
 from klbench.config import load_config, run_grid, validate_config
 
 pytestmark = pytest.mark.slow
 
 
-def snakemake(repo: Path, workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(workdir),
-               "--configfile", str(repo / "config" / "smoke.yaml"), "--cores", "2", *args]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    # The rules call the `klbench` console script; find it beside this interpreter even
-    # when the venv is not activated (e.g. `.venv/bin/python -m pytest`).
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-    if check and result.returncode != 0:
-        pytest.fail(f"snakemake failed ({result.returncode}):\n{result.stderr[-4000:]}")
-    return result
+def snakemake(repo: Path, workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_snakemake(workdir, repo / "config" / "smoke.yaml", args=args)
 
 
 @pytest.fixture(scope="module")
