@@ -91,10 +91,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_aggregate(args: argparse.Namespace) -> None:
-    from klbench.aggregate import write_summary
+    from klbench.aggregate import write_summary, write_tables
 
     table = write_summary([Path(p) for p in args.ledgers], Path(args.out))
     print(f"wrote {args.out}: {len(table)} runs", file=sys.stderr)
+    if args.tables:
+        baselines = dict(pair.split("=", 1) for pair in args.baseline)
+        paths = write_tables(table, Path(args.tables), baselines)
+        print(f"wrote {', '.join(p.stem for p in paths.values())} tables (CSV and Markdown) to {args.tables}",
+              file=sys.stderr)
 
 
 def cmd_grid(args: argparse.Namespace) -> None:
@@ -138,7 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     aggregate = commands.add_parser("aggregate", help="ledger.json files -> summary CSV (one row per run)")
     aggregate.add_argument("ledgers", nargs="+")
-    aggregate.add_argument("--out", required=True)
+    aggregate.add_argument("--out", required=True, help="the summary CSV (one row per run)")
+    aggregate.add_argument("--tables", help="folder for the comparison tables over seeds")
+    aggregate.add_argument("--baseline", action="append", default=[], metavar="FAMILY=MODEL",
+                           help="paired comparisons against this model of the family (repeatable)")
     aggregate.set_defaults(func=cmd_aggregate)
 
     grid = commands.add_parser("grid", help="list the runs a config asks for")

@@ -218,6 +218,11 @@ def _check_semantics(config: Mapping[str, Any]) -> None:
             if name not in config["models"]:
                 raise ConfigError(f"run.{i}.models: unknown model '{name}'; "
                                   f"defined in `models`: {', '.join(config['models'])}")
+    variants = expand_models(config)
+    for family, model in config["baselines"].items():
+        if model not in variants or variants[model]["family"] != family:
+            raise ConfigError(f"baselines.{family}: '{model}' is not a model variant of family '{family}'; "
+                              f"variants: {', '.join(v for v in variants if variants[v]['family'] == family) or 'none'}")
     for name in config["datasets"]:
         if name not in DATASETS:
             raise ConfigError(f"datasets: unknown dataset '{name}'; known datasets: {', '.join(sorted(DATASETS))}")
