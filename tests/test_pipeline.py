@@ -4,11 +4,18 @@ real MLflow tracking on the default SQLite store, checked from the files and the
 import json
 import math
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pandas as pd
+from mlflow.tracking import MlflowClient
 import pytest
 
 from conftest import run_snakemake
@@ -71,8 +78,6 @@ def test_summary_table_has_one_row_per_run_with_every_term(smoke):
 
 
 def test_mlflow_store_holds_one_finished_run_per_run_key_with_metrics(smoke):
-    from mlflow.tracking import MlflowClient
-
     _, workdir, config, _ = smoke
     assert (workdir / "mlflow.db").exists()  # MLflow's default store, where `mlflow ui` looks
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
@@ -111,3 +116,53 @@ def test_a_bad_config_fails_before_any_job_with_one_line(smoke, tmp_path):
     assert result.returncode != 0
     assert "config key 'train.epochs': -1 is less than the minimum of 1" in result.stderr
     assert not (tmp_path / "results").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def chromium(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
+                           *args], capture_output=True, text=True, timeout=120)
+
+
+CHROMIUM = shutil.which("chromium")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is absent (Debian: apt-get install chromium); .ci/run installs it")
+def test_mlflow_ui_shows_the_runs_filters_by_tag_and_shows_ledger_metrics(smoke, tmp_path):
+    _, workdir, config, _ = smoke
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"OK":
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail("mlflow ui did not answer /health within 120 s")
+                time.sleep(0.5)
+        client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+        experiment = client.get_experiment_by_name("vae").experiment_id
+        runs_page = chromium("--dump-dom", f"{url}/#/experiments/{experiment}/runs").stdout
+        for dataset, model, seed in run_grid(config):
+            assert f"{dataset}/{model}/seed{seed}" in runs_page
+        digits_only = chromium("--dump-dom", f"{url}/#/experiments/{experiment}/runs?searchFilter="
+                               + urllib.parse.quote('tags.dataset = "digits"')).stdout
+        assert "digits/vae/seed0" in digits_only and "checkerboard/" not in digits_only
+        run = client.search_runs([experiment], filter_string="tags.dataset = 'digits'", max_results=1)[0]
+        run_page = chromium("--dump-dom", f"{url}/#/experiments/{experiment}/runs/{run.info.run_id}").stdout
+        assert "test/neg_elbo" in run_page and "test/rate" in run_page
+        screenshot = tmp_path / "mlflow-runs.png"
+        chromium("--window-size=1400,1000", f"--screenshot={screenshot}", f"{url}/#/experiments/{experiment}/runs")
+        assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -1,4 +1,4 @@
-"""Command line: `klbench train | evaluate | verify | aggregate | grid | init-tracking`.
+"""Command line: `klbench train | evaluate | verify | aggregate | plot | summary-run | grid | init-tracking`.
 
 User errors (KlbenchError) end in one line on stderr and exit code 2; the traceback is
 kept for bugs only.
@@ -102,6 +102,25 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
               file=sys.stderr)
 
 
+def cmd_summary_run(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from klbench.provenance import git_state
+    from klbench.run import write_json
+    from klbench.tracking import log_pipeline_summary, resolve_tracking_uri
+
+    summary = pd.read_csv(args.summary)
+    folders = {name: sorted(p for p in Path(folder).iterdir() if p.is_file())
+               for name, folder in (("tables", args.tables), ("figures", args.figures)) if folder}
+    tags = {**git_state(), "datasets": ",".join(sorted(summary["dataset"].unique())),
+            "models": ",".join(sorted(summary["model"].unique()))}
+    metrics = {"runs": len(summary), "datasets": summary["dataset"].nunique(), "models": summary["model"].nunique(),
+               "dirty_runs": int(summary["git_dirty"].astype(bool).sum())}
+    where = log_pipeline_summary(resolve_tracking_uri(args.uri), folders, tags, metrics)
+    write_json(Path(args.out), where)
+    print(f"MLflow summary run {where['run_id']} holds {sum(map(len, folders.values()))} files", file=sys.stderr)
+
+
 def cmd_grid(args: argparse.Namespace) -> None:
     from klbench.config import load_config, run_grid, validate_config
 
@@ -148,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate.add_argument("--baseline", action="append", default=[], metavar="FAMILY=MODEL",
                            help="paired comparisons against this model of the family (repeatable)")
     aggregate.set_defaults(func=cmd_aggregate)
+
+    summary_run = commands.add_parser("summary-run", help="log the tables and figures as one MLflow summary run")
+    summary_run.add_argument("--summary", required=True, help="results/tables/summary.csv")
+    summary_run.add_argument("--tables", help="folder of tables to attach")
+    summary_run.add_argument("--figures", help="folder of figures to attach")
+    summary_run.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    summary_run.add_argument("--out", required=True, help="JSON file saying where the summary run is")
+    summary_run.set_defaults(func=cmd_summary_run)
 
     grid = commands.add_parser("grid", help="list the runs a config asks for")
     grid.add_argument("--config", action="append", required=True)

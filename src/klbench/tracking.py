@@ -81,6 +81,27 @@ def init_store(uri: str, experiments: list[str]) -> None:
         raise TrackingError(f"cannot use MLflow tracking store {uri}: {_first_line(error)}") from None
 
 
+SUMMARY_EXPERIMENT = "summary"
+
+
+def log_pipeline_summary(uri: str, folders: Mapping[str, list[Path]], tags: Mapping[str, Any],
+                         metrics: Mapping[str, float]) -> dict[str, str | None]:
+    """One MLflow run per pipeline invocation in the `summary` experiment, holding the
+    tables and figures as artifacts (folder name -> files); the previous summary is marked
+    superseded, like a re-run of a training run. Returns where it is (for mlflow.json)."""
+    tracker = RunTracker(uri, SUMMARY_EXPERIMENT, "pipeline/summary", tags, {})
+    tracker.start()
+    try:
+        tracker.log_metrics(metrics, step=0)
+        for folder, paths in folders.items():
+            tracker.log_artifacts(paths, folder)
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+    return tracker.describe()
+
+
 def flatten(values: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
     for key, value in values.items():
         name = f"{prefix}{key}"
@@ -165,9 +186,10 @@ class RunTracker:
             self.client.log_batch(self.run_id, metrics=chunk)
         self._last_flush = time.monotonic()
 
-    def log_artifacts(self, paths: list[Path]) -> None:
+    def log_artifacts(self, paths: list[Path], folder: str | None = None) -> None:
+        """Copy files into the run's artifacts (into `folder` there, if given)."""
         for path in paths:
-            self._timed(self.client.log_artifact, self.run_id, str(path))
+            self._timed(self.client.log_artifact, self.run_id, str(path), folder)
 
     def finish(self, status: str) -> None:
         """End the run; after a FINISHED run, mark older FINISHED runs of the key superseded."""
