@@ -12,11 +12,18 @@ min_version("9.0")
 configfile: os.path.join(workflow.basedir, "config", "config.yaml")
 
 
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/aggregate.smk"
+include: "workflow/rules/report.smk"
 
 
 rule all:
     input:
         rules.summary.output,
+        rules.figures.output,
+        [f"{RESULTS}/figures/runs/{f}/{d}/{m}.png" for f, d, m in PAIRS],
+        rules.mlflow_summary.output,

@@ -4,6 +4,7 @@ real MLflow tracking on the default SQLite store, checked from the files and the
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -19,7 +20,8 @@ from mlflow.tracking import MlflowClient
 import pytest
 
 from conftest import run_snakemake
-from klbench.config import load_config, run_grid, validate_config
+from klbench.config import expand_models, load_config, run_grid, validate_config
+from klbench.figures import figure_names
 
 pytestmark = pytest.mark.slow
 
@@ -166,3 +168,52 @@ def test_mlflow_ui_shows_the_runs_filters_by_tag_and_shows_ledger_metrics(smoke,
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_figures_tables_and_the_mlflow_summary_run_come_out_of_the_pipeline(smoke):
+    _, workdir, config, _ = smoke
+    results = workdir / "results"
+    variants = expand_models(config)
+    names = figure_names([(d, variants[m]["family"]) for d, m, _ in run_grid(config)])
+    assert {"ledger_bars", "rate_distortion", "iwae_vs_k", "training_curves-vae"} <= set(names)
+    for name in names:
+        for ext in ("png", "pdf"):
+            assert (results / "figures" / f"{name}.{ext}").stat().st_size > 5_000
+    captions = json.loads((results / "figures" / "captions.json").read_text())
+    assert set(captions) == set(names)
+    for dataset, model, _ in run_grid(config):
+        assert (results / "figures" / "runs" / "vae" / dataset / f"{model}.png").stat().st_size > 5_000
+    for table in ("ledger", "paired", "ranking", "cross_family"):
+        assert (results / "tables" / f"{table}.csv").exists() and (results / "tables" / f"{table}.md").exists()
+    ledger_stats = pd.read_csv(results / "tables" / "ledger.csv")
+    assert set(ledger_stats["n_seeds"]) == {len(config["seeds"])}
+    where = json.loads((results / "mlflow_summary.json").read_text())
+    client = MlflowClient(tracking_uri=where["tracking_uri"])
+    assert client.get_run(where["run_id"]).info.status == "FINISHED"
+    attached = {a.path for folder in ("tables", "figures") for a in client.list_artifacts(where["run_id"], folder)}
+    assert {"tables/ledger.csv", "tables/summary.csv", "figures/ledger_bars.png", "figures/rate_distortion.pdf"} <= attached
+
+
+def test_the_report_holds_every_figure_and_table(smoke, tmp_path):
+    repo, workdir, config, _ = smoke
+    report = tmp_path / "report.html"
+    snakemake(repo, workdir, "--report", str(report))
+    html = report.read_text(errors="replace")
+    assert report.stat().st_size > 100_000
+    variants = expand_models(config)
+    for name in figure_names([(d, variants[m]["family"]) for d, m, _ in run_grid(config)]):
+        assert f"{name}.png" in html
+    assert "ledger.csv" in html and "klbench: models compared through their KL ledgers" in html
+
+
+def test_adding_a_seed_plans_only_the_new_runs_and_the_aggregates(smoke):
+    repo, workdir, config, _ = smoke
+    new_seed = max(config["seeds"]) + 1
+    plan = snakemake(repo, workdir, "--dry-run", "--config", f"seeds=[{','.join(map(str, config['seeds']))},{new_seed}]")
+    text = plan.stdout + plan.stderr
+    pairs = {(d, m) for d, m, _ in run_grid(config)}
+    counts = dict(re.findall(r"^(\w+)\s+(\d+)$", text, flags=re.MULTILINE))
+    assert int(counts["train"]) == len(pairs)  # one new run per dataset/model pair, nothing retrained
+    planned = [line for line in text.splitlines() if "wildcards: dataset=" in line and "seed=" in line]
+    assert len(planned) == len(pairs) and all(line.rstrip().endswith(f"seed={new_seed}") for line in planned)
+    assert int(counts["summary"]) == 1 and int(counts["figures"]) == 1

@@ -102,6 +102,13 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
               file=sys.stderr)
 
 
+def cmd_plot(args: argparse.Namespace) -> None:
+    from klbench.figures import plot_results
+
+    captions = plot_results(Path(args.summary), Path(args.runs), Path(args.out))
+    print(f"wrote {len(captions)} figures (PNG and PDF) to {args.out}", file=sys.stderr)
+
+
 def cmd_summary_run(args: argparse.Namespace) -> None:
     import pandas as pd
 
@@ -167,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate.add_argument("--baseline", action="append", default=[], metavar="FAMILY=MODEL",
                            help="paired comparisons against this model of the family (repeatable)")
     aggregate.set_defaults(func=cmd_aggregate)
+
+    plot = commands.add_parser("plot", help="summary CSV + run directories -> comparison figures (no training)")
+    plot.add_argument("summary", help="results/tables/summary.csv")
+    plot.add_argument("--runs", default="results/runs", help="the run directories (default results/runs)")
+    plot.add_argument("--out", required=True, help="folder for the figures and captions.json")
+    plot.set_defaults(func=cmd_plot)
 
     summary_run = commands.add_parser("summary-run", help="log the tables and figures as one MLflow summary run")
     summary_run.add_argument("--summary", required=True, help="results/tables/summary.csv")

@@ -3,8 +3,9 @@ rule summary:
         ledgers=all_ledgers(),
     output:
         summary=RESULTS + "/tables/summary.csv",
-        tables=multiext(RESULTS + "/tables/", "ledger.csv", "ledger.md", "paired.csv", "paired.md",
-                        "ranking.csv", "ranking.md", "cross_family.csv", "cross_family.md"),
+        tables=[report(f"{RESULTS}/tables/{name}.csv", caption="../report/tables.rst", category="tables")
+                for name in ("ledger", "paired", "ranking", "cross_family")],
+        markdown=multiext(RESULTS + "/tables/", "ledger.md", "paired.md", "ranking.md", "cross_family.md"),
     params:
         baselines=" ".join(f"--baseline {f}={m}" for f, m in BENCH["baselines"].items()),
     log:

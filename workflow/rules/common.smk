@@ -4,6 +4,7 @@ import sys
 
 from klbench.config import expand_models, resolve_run, run_grid, validate_config
 from klbench.errors import ConfigError
+from klbench.figures import figure_names
 
 try:
     BENCH = validate_config(config)
@@ -15,9 +16,13 @@ RESULTS = BENCH["results_dir"]
 GRID = run_grid(BENCH)
 VARIANTS = expand_models(BENCH)
 RUN_DIR = RESULTS + "/runs/{dataset}/{model}/seed{seed}"
+FIGURES = figure_names([(d, VARIANTS[m]["family"]) for d, m, _ in GRID])
+# (family, dataset, model) of every trained pair: its first seed's figure goes into the report
+PAIRS = list(dict.fromkeys((VARIANTS[m]["family"], d, m) for d, m, _ in GRID))
 
 
 wildcard_constraints:
+    family="[^/]+",
     dataset="[^/]+",
     model="[^/]+",
     seed=r"\d+",

@@ -1,0 +1,60 @@
+# Figures, the per-run figures the report shows, and the MLflow summary run. They read
+# results files only: regenerating them never retrains anything.
+
+FIGURE_FAMILY = {"rate_distortion": "vae", "iwae_vs_k": "vae", "diffusion_curves": "diffusion"}
+
+
+def figure_report(name):
+    """report() flag of a comparison figure: category = its family, or all families."""
+    kind, _, detail = name.partition("-")
+    family = FIGURE_FAMILY.get(kind, detail if kind == "training_curves" else "all families")
+    return report(
+        f"{RESULTS}/figures/{name}.png",
+        caption=f"../report/{kind}.rst",
+        category=family if kind != "sample_grids" else "samples",
+        subcategory=detail if kind == "sample_grids" else "comparison",
+    )
+
+
+rule figures:
+    input:
+        summary=rules.summary.output.summary,
+    output:
+        png=[figure_report(name) for name in FIGURES],
+        pdf=[f"{RESULTS}/figures/{name}.pdf" for name in FIGURES],
+        captions=f"{RESULTS}/figures/captions.json",
+    log:
+        f"{RESULTS}/logs/figures.log",
+    shell:
+        "klbench plot {input.summary} --runs {RESULTS}/runs --out {RESULTS}/figures > {log} 2>&1"
+
+
+rule run_figure:
+    input:
+        lambda w: RUN_DIR.format(dataset=w.dataset, model=w.model, seed=BENCH["seeds"][0]) + "/samples.png",
+    output:
+        report(
+            RESULTS + "/figures/runs/{family}/{dataset}/{model}.png",
+            caption="../report/run_figure.rst",
+            category="{family}",
+            subcategory="{dataset}",
+            labels={"model": "{model}", "dataset": "{dataset}"},
+        ),
+    shell:
+        "cp {input} {output}"
+
+
+rule mlflow_summary:
+    input:
+        summary=rules.summary.output.summary,
+        tables=rules.summary.output.tables,
+        figures=rules.figures.output,
+    output:
+        f"{RESULTS}/mlflow_summary.json",
+    params:
+        uri=f"--uri {BENCH['tracking_uri']}" if BENCH["tracking_uri"] else "",
+    log:
+        f"{RESULTS}/logs/mlflow_summary.log",
+    shell:
+        "klbench summary-run --summary {input.summary} --tables {RESULTS}/tables --figures {RESULTS}/figures"
+        " {params.uri} --out {output} > {log} 2>&1"
