@@ -340,7 +340,7 @@ def test_unknown_dataset_lists_known_names():
     with pytest.raises(DataError) as error:
         load_dataset("mnist9k")
     assert str(error.value) == f"unknown dataset 'mnist9k'; known datasets: {', '.join(sorted(DATASETS))}"
-    assert "checkerboard, digits, eight_gaussians" in str(error.value)
+    assert "checkerboard, diabetes, digits, eight_gaussians" in str(error.value)
 
 
 def test_unknown_or_bad_option_is_a_data_error():

@@ -1,5 +1,7 @@
 """Closed-form KLs against torch.distributions and Monte Carlo, on random parameters."""
 
+import math
+
 import pytest
 import torch
 from torch.distributions import Bernoulli, Categorical, Independent, Normal, kl_divergence
@@ -9,6 +11,7 @@ from klbench.kl import (
     kl_categorical,
     kl_normal_normal,
     kl_normal_std_normal,
+    log_discretized_normal,
     log_normal_diag,
     monte_carlo_kl,
 )
@@ -115,3 +118,36 @@ def test_log_normal_diag_matches_torch():
     x, mu, logvar = torch.randn(4, 3), torch.randn(4, 3), torch.randn(4, 3)
     expected = diag_normal(mu, logvar).log_prob(x)
     torch.testing.assert_close(log_normal_diag(x, mu, logvar), expected, rtol=1e-5, atol=1e-5)
+
+
+def level_bins(levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bin edges of `levels` values evenly spaced on [-1, 1], the outer bins open: (L, 1) each, float64."""
+    centers, half = torch.linspace(-1, 1, levels, dtype=torch.float64), 1 / (levels - 1)
+    inf = torch.tensor([float("inf")], dtype=torch.float64)
+    return torch.cat([-inf, centers[1:] - half])[:, None], torch.cat([centers[:-1] + half, inf])[:, None]
+
+
+@pytest.mark.parametrize("mu,sd", [(0.3, 0.2), (-0.9, 0.05), (0.0, 3.0), (0.6, 0.001)])
+def test_log_discretized_normal_matches_the_normal_cdf_and_sums_to_one(mu, sd):
+    lower, upper = level_bins(5)
+    mean, logvar = torch.full_like(lower, mu), torch.full_like(lower, 2 * math.log(sd))
+    got = log_discretized_normal(lower, upper, mean, logvar)  # (L,): one bin per row
+    normal = Normal(torch.tensor(mu, dtype=torch.float64), sd)
+    expected = (normal.cdf(upper) - normal.cdf(lower)).log()[:, 0]
+    finite = expected > -30  # the CDF difference itself underflows further out
+    torch.testing.assert_close(got[finite], expected[finite], rtol=1e-6, atol=1e-9)
+    assert torch.logsumexp(got, 0).abs() < 1e-9
+
+
+def test_log_discretized_normal_stays_exact_in_the_far_tails_and_has_finite_gradients():
+    """Bins 40 standard deviations away: 1 - Phi underflows, the mirrored lower tail does not."""
+    lower, upper = torch.tensor([[1.0], [-float("inf")]]), torch.tensor([[1.5], [-1.0]])
+    mu = torch.tensor([[-39.0], [39.0]], requires_grad=True)
+    logvar = torch.zeros(2, 1, requires_grad=True)
+    got = log_discretized_normal(lower, upper, mu, logvar)
+    # log(Phi(-40) - Phi(-40.5)) (mirror of [1, 1.5] about the mean -39) and log Phi(-40)
+    log_phi = torch.special.log_ndtr(torch.tensor([-40.0, -40.5], dtype=torch.float64))
+    expected = torch.stack([log_phi[0] + torch.log1p(-torch.exp(log_phi[1] - log_phi[0])), log_phi[0]])
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
+    got.sum().backward()
+    assert torch.isfinite(mu.grad).all() and torch.isfinite(logvar.grad).all()

@@ -20,7 +20,8 @@ from mlflow.tracking import MlflowClient
 import pytest
 
 from conftest import run_snakemake
-from klbench.config import expand_models, load_config, run_grid, validate_config
+from klbench.config import expand_models, load_config, resolve_run, run_grid, validate_config
+from klbench.ledger import FAMILY_TERMS
 from klbench.figures import figure_names
 
 pytestmark = pytest.mark.slow
@@ -39,64 +40,89 @@ def smoke(tmp_path_factory):
     return repo, workdir, config, result
 
 
+def families_of(config) -> dict[str, str]:
+    variants = expand_models(config)
+    return {model: variants[model]["family"] for _, model, _ in run_grid(config)}
+
+
+def test_the_smoke_grid_holds_every_family(smoke):
+    _, _, config, _ = smoke
+    assert set(families_of(config).values()) == set(FAMILY_TERMS)
+
+
 def test_every_run_directory_is_complete_and_its_ledger_adds_up(smoke):
     _, workdir, config, _ = smoke
-    grid = run_grid(config)
-    assert len(grid) == 8
-    for dataset, model, seed in grid:
+    family_of = families_of(config)
+    for dataset, model, seed in run_grid(config):
         run_dir = workdir / "results" / "runs" / dataset / model / f"seed{seed}"
         for name in ("ledger.json", "history.csv", "config.json", "model.pt", "samples.png", "mlflow.json", "timing.json"):
             assert (run_dir / name).stat().st_size > 0, f"{run_dir / name} missing or empty"
         assert not (run_dir / ".staging").exists()
         ledger = json.loads((run_dir / "ledger.json").read_text())
         terms, derived, diagnostics = ledger["terms"], ledger["derived"], ledger["diagnostics"]
-        assert set(terms) == {"rate", "distortion"}
+        family = family_of[model]
+        assert ledger["run"]["key"] == f"{dataset}/{model}/seed{seed}" and ledger["run"]["family"] == family
+        assert tuple(terms) == FAMILY_TERMS[family]
         assert all(math.isfinite(v) for v in terms.values())
-        assert derived["neg_elbo"] == pytest.approx(terms["rate"] + terms["distortion"], rel=1e-9)
-        assert terms["rate"] >= 0
-        iwae = [diagnostics["iwae_nll"][str(k)] for k in config["evaluate"]["iwae_k"]]
-        assert iwae == sorted(iwae, reverse=True)  # -L_k decreases with k
-        assert iwae[-1] <= derived["neg_elbo"] + 0.05
-        assert diagnostics["mutual_info"] + diagnostics["marginal_kl"] == pytest.approx(diagnostics["rate_mc"])
-        if dataset == "checkerboard":
-            assert derived["data_entropy_true"] == pytest.approx(math.log(8))
-            assert derived["kl_total"] > 0
-            assert derived["kl_total"] == pytest.approx(derived["inference_gap"] + derived["model_gap"])
-        else:
-            assert derived["bpd"] == pytest.approx(derived["neg_elbo"] / (64 * math.log(2)))
-        assert ledger["run"]["key"] == f"{dataset}/{model}/seed{seed}"
+        assert derived["neg_elbo"] == pytest.approx(sum(terms.values()), rel=1e-9)
         history = pd.read_csv(run_dir / "history.csv")
-        assert history["epoch"].max() == config["train"]["epochs"]
-        assert (history["neg_elbo"] - history["rate"] - history["distortion"]).abs().max() < 1e-6
+        assert history["epoch"].max() == resolve_run(config, dataset, model, seed).train.epochs
+        assert (history["neg_elbo"] - history[list(terms)].sum(axis=1)).abs().max() < 1e-6
+        if family == "vae":
+            check_vae_ledger(config, dataset, terms, derived, diagnostics)
+        elif family == "diffusion":
+            assert terms["prior"] >= 0 and terms["diffusion"] >= 0
+            assert (run_dir / "loss_curve.csv").exists()
+        else:
+            assert terms["complexity"] >= 0 and "test_log_lik" in diagnostics
+
+
+def check_vae_ledger(config, dataset, terms, derived, diagnostics):
+    assert terms["rate"] >= 0
+    iwae = [diagnostics["iwae_nll"][str(k)] for k in config["evaluate"]["iwae_k"]]
+    assert iwae == sorted(iwae, reverse=True)  # -L_k decreases with k
+    assert iwae[-1] <= derived["neg_elbo"] + 0.05
+    assert diagnostics["mutual_info"] + diagnostics["marginal_kl"] == pytest.approx(diagnostics["rate_mc"])
+    if dataset == "checkerboard":
+        assert derived["data_entropy_true"] == pytest.approx(math.log(8))
+        assert derived["kl_total"] > 0
+        assert derived["kl_total"] == pytest.approx(derived["inference_gap"] + derived["model_gap"])
+    else:
+        assert derived["bpd"] == pytest.approx(derived["neg_elbo"] / (64 * math.log(2)))
 
 
 def test_summary_table_has_one_row_per_run_with_every_term(smoke):
     _, workdir, config, _ = smoke
     table = pd.read_csv(workdir / "results" / "tables" / "summary.csv")
     assert len(table) == len(run_grid(config))
-    assert {"dataset", "model", "seed", "rate", "distortion", "neg_elbo", "iwae_nll.64"} <= set(table.columns)
-    assert sorted(table["model"].unique()) == ["iwae-k5", "vae"]
-    assert ((table["rate"] + table["distortion"] - table["neg_elbo"]).abs() < 1e-9).all()
+    assert {"dataset", "model", "seed", "neg_elbo", "iwae_nll.64"} <= set(table.columns)
+    assert set(table["model"]) == set(families_of(config))
+    for family, runs in table.groupby("family"):
+        terms = list(FAMILY_TERMS[family])
+        assert ((runs[terms].sum(axis=1) - runs["neg_elbo"]).abs() < 1e-9).all()
 
 
 def test_mlflow_store_holds_one_finished_run_per_run_key_with_metrics(smoke):
     _, workdir, config, _ = smoke
     assert (workdir / "mlflow.db").exists()  # MLflow's default store, where `mlflow ui` looks
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("vae")
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    family_of = families_of(config)
+    experiments = [client.get_experiment_by_name(f).experiment_id for f in sorted(set(family_of.values()))]
+    runs = client.search_runs(experiments, max_results=1000)
     expected = {f"{d}/{m}/seed{s}" for d, m, s in run_grid(config)}
     assert {r.info.run_name for r in runs} == expected and len(runs) == len(expected)
-    epochs = config["train"]["epochs"]
     for run in runs:
         assert run.info.status == "FINISHED"
-        assert {"dataset", "model", "seed", "family", "git_commit", "config_hash", "data_hash",
-                "version.torch", "version.mlflow"} <= set(run.data.tags)
+        assert {"dataset", "model", "seed", "family", "git_commit", "git_dirty", "config_hash", "data_hash",
+                "version.torch", "version.mlflow", "version.snakemake", "device"} <= set(run.data.tags)
+        dataset, model, seed = run.info.run_name.split("/")
+        epochs = resolve_run(config, dataset, model, int(seed.removeprefix("seed"))).train.epochs
         assert run.data.params["train.epochs"] == str(epochs)
         ledger = json.loads((workdir / "results" / "runs" / run.info.run_name / "ledger.json").read_text())
-        assert run.data.metrics["test/rate"] == pytest.approx(ledger["terms"]["rate"])
+        first_term = FAMILY_TERMS[family_of[model]][0]
+        assert run.data.metrics[f"test/{first_term}"] == pytest.approx(ledger["terms"][first_term])
         assert run.data.metrics["test/neg_elbo"] == pytest.approx(ledger["derived"]["neg_elbo"])
-        train_history = client.get_metric_history(run.info.run_id, "train/distortion")
+        train_history = client.get_metric_history(run.info.run_id, f"train/{first_term}")
         assert sorted(m.step for m in train_history) == list(range(1, epochs + 1))
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"ledger.json", "model.pt", "history.csv", "config.json"} <= artifacts
@@ -182,11 +208,14 @@ def test_figures_tables_and_the_mlflow_summary_run_come_out_of_the_pipeline(smok
     captions = json.loads((results / "figures" / "captions.json").read_text())
     assert set(captions) == set(names)
     for dataset, model, _ in run_grid(config):
-        assert (results / "figures" / "runs" / "vae" / dataset / f"{model}.png").stat().st_size > 5_000
+        family = families_of(config)[model]
+        assert (results / "figures" / "runs" / family / dataset / f"{model}.png").stat().st_size > 5_000
     for table in ("ledger", "paired", "ranking", "cross_family"):
         assert (results / "tables" / f"{table}.csv").exists() and (results / "tables" / f"{table}.md").exists()
     ledger_stats = pd.read_csv(results / "tables" / "ledger.csv")
     assert set(ledger_stats["n_seeds"]) == {len(config["seeds"])}
+    paired = pd.read_csv(results / "tables" / "paired.csv")
+    assert set(paired["baseline"]) <= set(config["baselines"].values()) and len(paired)
     where = json.loads((results / "mlflow_summary.json").read_text())
     client = MlflowClient(tracking_uri=where["tracking_uri"])
     assert client.get_run(where["run_id"]).info.status == "FINISHED"

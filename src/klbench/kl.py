@@ -59,6 +59,28 @@ def log_normal_diag(x: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
     return -0.5 * (math.log(2 * math.pi) + logvar + (x - mu).pow(2) / logvar.exp()).sum(-1)
 
 
+def log_discretized_normal(lower: Tensor, upper: Tensor, mu: Tensor, logvar: Tensor) -> Tensor:
+    """log P(lower < v < upper) for v ~ N(mu, diag(exp(logvar))), summed over the last axis.
+
+    The bin masses of a discretized Gaussian decoder (Ho et al. 2020, eq. 13). lower may be -inf
+    and upper +inf (the outer bins), never both; the edges carry no gradient. With a, b the
+    standardized edges, log(Phi(b) - Phi(a)) = log Phi(b) + log(1 - exp(log Phi(a) - log Phi(b))),
+    for bins above the mean computed as the mirror bin (-b, -a) below it: log_ndtr is exact far in
+    the lower tail, where 1 - Phi would round to 0. No clamping, so the result is a true log mass.
+    """
+    open_below, open_above = torch.isinf(lower), torch.isinf(upper)
+    # finite stand-ins for infinite edges keep every branch of the where() below (and its gradient) finite
+    lower, upper = torch.where(open_below, upper - 1, lower), torch.where(open_above, lower + 1, upper)
+    inv_std = (-0.5 * logvar).exp()
+    a, b = (lower - mu) * inv_std, (upper - mu) * inv_std
+    below_b, above_a = torch.special.log_ndtr(b), torch.special.log_ndtr(-a)  # log Phi(b), log(1 - Phi(a))
+    mirror = a + b > 0
+    a, b = torch.where(mirror, -b, a), torch.where(mirror, -a, b)
+    log_b = torch.special.log_ndtr(b)
+    interior = log_b + torch.log(-torch.expm1(torch.special.log_ndtr(a) - log_b))
+    return torch.where(open_below, below_b, torch.where(open_above, above_a, interior)).sum(-1)
+
+
 def monte_carlo_kl(
     sample_q: Callable[[int], Tensor],
     log_q: Callable[[Tensor], Tensor],

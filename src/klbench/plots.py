@@ -56,3 +56,101 @@ def samples_figure(
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _save(fig, plt, title: str, path: Path) -> None:
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def predictive_band_figure(
+    grid: np.ndarray, mean: np.ndarray, sd_weights: np.ndarray, sd_total: np.ndarray,
+    train: tuple[np.ndarray, np.ndarray], ood: tuple[np.ndarray, np.ndarray] | None,
+    train_range: tuple[float, float], title: str, path: Path,
+) -> None:
+    """1-D regression: predictive mean and +-2 sd bands (weight uncertainty alone, and with the
+    observation noise) over a grid reaching beyond the training range, which is shaded."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.axvspan(*train_range, color="0.85", zorder=0, label="training range")
+    ax.fill_between(grid, mean - 2 * sd_total, mean + 2 * sd_total, color="C0", alpha=0.18,
+                    label="±2 sd, weights + noise")
+    if sd_weights.max() > 0:  # a point estimate has no weight uncertainty: no empty legend entry
+        ax.fill_between(grid, mean - 2 * sd_weights, mean + 2 * sd_weights, color="C0", alpha=0.4,
+                        label="±2 sd, weights only")
+    ax.plot(grid, mean, color="C0", lw=1.5, label="predictive mean")
+    ax.scatter(*train, s=4, color="k", alpha=0.5, label="training data")
+    if ood is not None:
+        ax.scatter(*ood, s=6, color="C3", marker="x", alpha=0.7, label="held-out data outside the range")
+    ax.set_xlim(grid.min(), grid.max())
+    # the band can be huge far from the data: frame the data, let the band run off the edges
+    targets = np.concatenate([train[1]] + ([ood[1]] if ood is not None else []))
+    pad = 0.5 * np.ptp(targets)
+    ax.set_ylim(targets.min() - pad, targets.max() + pad)
+    ax.set_xlabel("x (input, unitless)")
+    ax.set_ylabel("y (target, unitless)")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=8, markerscale=2)
+    _save(fig, plt, title, path)
+
+
+def reliability_figure(
+    edges: np.ndarray, count: np.ndarray, accuracy: np.ndarray, confidence: np.ndarray, ece: float,
+    title: str, path: Path,
+) -> None:
+    """Reliability diagram: accuracy per equal-width confidence bin against the diagonal (a
+    calibrated classifier's bars end on it), and below it how many test examples each bin holds."""
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    widths = np.diff(edges)
+    filled = count > 0
+    top.bar(edges[:-1][filled], accuracy[filled], width=widths[filled], align="edge", color="C0",
+            edgecolor="white", label="accuracy in bin")
+    top.scatter((edges[:-1] + widths / 2)[filled], confidence[filled], color="C3", s=14, zorder=3,
+                label="mean confidence in bin")
+    top.plot([0, 1], [0, 1], color="0.3", ls="--", lw=1, label="perfect calibration")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy (fraction correct)")
+    top.legend(loc="upper left", fontsize=8)
+    top.text(0.97, 0.05, f"ECE = {ece:.4f}\n({len(count)} bins)", ha="right", va="bottom", transform=top.transAxes,
+             bbox={"facecolor": "white", "edgecolor": "0.7", "alpha": 0.9})
+    bottom.bar(edges[:-1], count, width=widths, align="edge", color="0.5", edgecolor="white")
+    bottom.set_yscale("symlog", linthresh=1)
+    bottom.set_xlabel("confidence (largest predictive probability)")
+    bottom.set_ylabel("test examples")
+    _save(fig, plt, title, path)
+
+
+def predicted_vs_true_figure(
+    y_true: np.ndarray, mean: np.ndarray, sd: np.ndarray, unit: str, title: str, path: Path
+) -> None:
+    """Regression on held-out data: predictive mean +-2 predictive sd against the true target."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.errorbar(y_true, mean, yerr=2 * sd, fmt="o", ms=3, color="C0", ecolor="C0", elinewidth=0.8, alpha=0.7,
+                label="predictive mean ±2 sd")
+    low, high = min(y_true.min(), (mean - 2 * sd).min()), max(y_true.max(), (mean + 2 * sd).max())
+    ax.plot([low, high], [low, high], color="0.3", ls="--", lw=1, label="prediction = truth")
+    ax.set_xlabel(f"true target ({unit})")
+    ax.set_ylabel(f"predicted target ({unit})")
+    ax.set_aspect("equal")
+    ax.legend(loc="upper left", fontsize=8)
+    _save(fig, plt, title, path)
+
+
+def loss_curve_figure(
+    grid: np.ndarray, loss: np.ndarray, grid_label: str, loss_label: str, summary: str, title: str, path: Path
+) -> None:
+    """A diffusion model's loss on its fixed grid (per timestep or per unit log-SNR); the y axis
+    is logarithmic when the loss spans more than two decades."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot(grid, loss, marker="o", ms=3, lw=1.5, color="C0")
+    if (loss > 0).all() and loss.max() > 100 * loss.min():
+        ax.set_yscale("log")
+    ax.set_xlabel(grid_label)
+    ax.set_ylabel(loss_label)
+    ax.set_title(summary, fontsize=9)
+    _save(fig, plt, title, path)

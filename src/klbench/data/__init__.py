@@ -13,6 +13,7 @@ from typing import Any
 from klbench.data.dataset import Dataset, hash_tensors
 from klbench.data.images import digits, mnist1d, mnist5k
 from klbench.data.mnist_files import fashion_mnist, mnist
+from klbench.data.regression import diabetes, toy_curve
 from klbench.data.toy2d import checkerboard, eight_gaussians, two_moons
 from klbench.errors import DataError
 
@@ -27,6 +28,8 @@ DATASETS: dict[str, Callable[..., Dataset]] = {
     "mnist1d": mnist1d,
     "mnist": mnist,
     "fashion_mnist": fashion_mnist,
+    "toy_curve": toy_curve,
+    "diabetes": diabetes,
 }
 
 # (kind, target) of every dataset, known without loading it, so that the workflow can
@@ -41,6 +44,8 @@ PROFILES: dict[str, tuple[str, str | None]] = {
     "mnist1d": ("continuous", "class"),
     "mnist": ("binary", "class"),
     "fashion_mnist": ("binary", "class"),
+    "toy_curve": ("continuous", "real"),
+    "diabetes": ("continuous", "real"),
 }
 
 

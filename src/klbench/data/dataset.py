@@ -38,7 +38,9 @@ class Dataset:
     the true entropy H(p) of the data distribution in nats per example (differential
     entropy for continuous data) where it is known, with its Monte Carlo standard error
     `entropy_se` (0.0 for a closed form); `log_density(x)` is the exact log p(x) in nats,
-    (N, D) -> (N,), float64.
+    (N, D) -> (N,), float64. `x_ood` (float32 (M, D)) and `y_ood`: held-out inputs from
+    outside the training distribution, and their targets where known, for out-of-distribution
+    diagnostics (e.g. a regression curve beyond its training range); None where there are none.
     """
 
     name: str
@@ -54,12 +56,14 @@ class Dataset:
     entropy: float | None = None
     entropy_se: float | None = None
     log_density: Callable[[torch.Tensor], torch.Tensor] | None = None
+    x_ood: torch.Tensor | None = None
+    y_ood: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         # A malformed record is a bug in a loader, not a user error: fail loudly at its source.
         if self.kind not in KINDS:
             raise ValueError(f"dataset {self.name}: kind {self.kind!r} is not one of {KINDS}")
-        for part in (self.x_train, self.x_test):
+        for part in (p for p in (self.x_train, self.x_test, self.x_ood) if p is not None):
             if part.dtype != torch.float32 or part.dim() != 2 or part.shape[1] != self.x_train.shape[1]:
                 raise ValueError(f"dataset {self.name}: x must be float32 (N, D) with one D, got {part.dtype} {tuple(part.shape)}")
         if math.prod(self.shape) != self.x_train.shape[1]:

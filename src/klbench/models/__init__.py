@@ -17,9 +17,9 @@
 from types import ModuleType
 
 from klbench.errors import ConfigError
-from klbench.models import vae
+from klbench.models import bbb, diffusion, vae
 
-FAMILIES: dict[str, ModuleType] = {module.FAMILY: module for module in (vae,)}
+FAMILIES: dict[str, ModuleType] = {module.FAMILY: module for module in (vae, bbb, diffusion)}
 
 
 def supports(family: ModuleType, kind: str, target: str | None) -> bool:
