@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from klbench.ledger import FAMILY_TERMS as TERMS  # in stacking order
-from klbench.plots import _pyplot
+from klbench.plots import _pyplot as _plain_pyplot
 
 NATS = "nats per example"
 GENERATIVE = ("vae", "diffusion")  # density models of x; BBB models labels y given x
@@ -33,6 +33,14 @@ def _sort_key(model: str) -> tuple:
     """Variants of a sweep in numeric order: beta_vae-b0.25 < beta_vae-b2 < beta_vae-b4."""
     match = SWEEP_NAME.match(model)
     return (match["base"], match["tag"], float(match["value"])) if match else (model, "", 0.0)
+
+
+def _pyplot():
+    import seaborn as sns
+
+    plt = _plain_pyplot()
+    sns.set_theme(style="whitegrid", context="notebook")
+    return plt
 
 
 def _models(frame: pd.DataFrame) -> list[str]:
