@@ -69,16 +69,15 @@ def log_discretized_normal(lower: Tensor, upper: Tensor, mu: Tensor, logvar: Ten
     the lower tail, where 1 - Phi would round to 0. No clamping, so the result is a true log mass.
     """
     open_below, open_above = torch.isinf(lower), torch.isinf(upper)
-    # finite stand-ins for infinite edges keep every branch of the where() below (and its gradient) finite
+    # finite stand-ins for infinite edges keep the arithmetic (and its gradient) finite; masked below
     lower, upper = torch.where(open_below, upper - 1, lower), torch.where(open_above, lower + 1, upper)
     inv_std = (-0.5 * logvar).exp()
     a, b = (lower - mu) * inv_std, (upper - mu) * inv_std
-    below_b, above_a = torch.special.log_ndtr(b), torch.special.log_ndtr(-a)  # log Phi(b), log(1 - Phi(a))
-    mirror = a + b > 0
-    a, b = torch.where(mirror, -b, a), torch.where(mirror, -a, b)
-    log_b = torch.special.log_ndtr(b)
-    interior = log_b + torch.log(-torch.expm1(torch.special.log_ndtr(a) - log_b))
-    return torch.where(open_below, below_b, torch.where(open_above, above_a, interior)).sum(-1)
+    mirror = open_above | (~open_below & (a + b > 0))  # after mirroring only the lower edge can be open
+    lo, hi = torch.where(mirror, -b, a), torch.where(mirror, -a, b)
+    log_hi = torch.special.log_ndtr(hi)
+    log_lo = torch.special.log_ndtr(lo).masked_fill(open_below | open_above, -math.inf)
+    return (log_hi + torch.log(-torch.expm1(log_lo - log_hi))).sum(-1)
 
 
 def monte_carlo_kl(
