@@ -41,3 +41,8 @@ def repo() -> Path:
 
 def pytest_configure(config):
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # The tests' models are tiny: one thread is fastest, and torch's default (all cores)
+    # makes them crawl when anything else runs on a small machine.
+    import torch
+
+    torch.set_num_threads(1)

@@ -36,16 +36,6 @@ MU, S, DIM = 0.7, 0.5, 2  # Gaussian test data N(MU, S^2 I_DIM)
 GAUSSIAN_ENTROPY = 0.5 * DIM * math.log(2 * math.pi * math.e * S**2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small models: with two threads on a busy 2-core machine, OpenMP's spin-waits make
-    steps 30x slower; the pipeline's jobs run with one thread too."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_config(**changes) -> Config:
     values = dict(process="ddpm", schedule="linear", timesteps=1000, objective="vlb", hidden=[32, 32],
                   time_embedding=16, gamma_min=-13.3, gamma_max=5.0, sample_steps=20)
