@@ -30,7 +30,8 @@ from klbench.train import fit, seed_everything
 # ledger.json holds only what the run computed, so that the same config, seed and thread
 # count give it byte for byte (`klbench verify`); wall-clock times go to timing.json.
 RUN_FILES = ("config.json", "history.csv", "model.pt", "samples.png", "mlflow.json", "timing.json", "ledger.json")
-SAMPLES = 2000
+# Samples drawn for samples.png: a 2-D scatter shows a cloud, an image grid shows 64.
+SCATTER_SAMPLES, IMAGE_SAMPLES = 2000, 64
 
 
 def write_json(path: Path, values: Any) -> None:
@@ -124,7 +125,7 @@ def execute_run(
         evaluation = evaluate(model, family, dataset, run.evaluate, staging)
         result = evaluation.ledger
         if hasattr(model, "sample"):  # supervised families draw their own samples.png (a predictive plot)
-            samples = model.sample(SAMPLES).numpy()
+            samples = model.sample(IMAGE_SAMPLES if len(dataset.shape) > 1 else SCATTER_SAMPLES).numpy()
             samples_figure(samples, dataset.x_test.numpy(), dataset.shape, f"{run.run_key}", staging / "samples.png")
         eval_seconds = time.perf_counter() - eval_start
 
