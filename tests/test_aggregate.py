@@ -84,3 +84,14 @@ def test_write_tables_writes_csv_and_markdown(runs, tmp_path):
     markdown = (tmp_path / "tables" / "ledger.md").read_text()
     assert "### toy" in markdown and "vae-better (dirty)" in markdown and "11.000 ± 1.000" in markdown
     assert "no rows" in (tmp_path / "tables" / "cross_family.md").read_text()  # one family only
+
+
+def test_bbb_is_ranked_by_held_out_log_likelihood_higher_first(tmp_path):
+    rows = []
+    for seed in range(2):
+        for model, log_lik in (("map", -0.5), ("bbb-gauss", -0.2)):
+            values = ledger("digits", model, "bbb", seed, {"complexity": 0.0 if model == "map" else 1.0, "nll": 0.3})
+            values["diagnostics"]["test_log_lik"] = log_lik + seed * 0.01
+            rows.append(values)
+    ranks = ranking(seed_stats(summary(tmp_path, rows)))
+    assert list(ranks["model"]) == ["bbb-gauss", "map"] and set(ranks["metric"]) == {"test_log_lik"}

@@ -59,9 +59,11 @@ def write_summary(ledger_paths: list[Path], out: Path) -> pd.DataFrame:
 GROUP = ["dataset", "family", "model"]
 # Columns that describe a run rather than measure it.
 NOT_METRICS = {"seed", "config_hash", "data_hash", "git_commit", "git_dirty", "data_entropy_true", "data_entropy"}
-# What a model is ranked by, per family: density models by their bound on -log p(x),
-# BBB by its held-out -ELBO on the labels (complexity + nll).
-RANK_BY = {"vae": "neg_elbo", "diffusion": "neg_elbo", "bbb": "neg_elbo"}
+# What a model is ranked and paired by, per family: density models by their bound on
+# -log p(x) (lower is better); BBB by the held-out log-likelihood of the labels under its
+# predictive distribution (higher is better), since the MAP baseline's -ELBO is no bound.
+RANK_BY = {"vae": "neg_elbo", "diffusion": "neg_elbo", "bbb": "test_log_lik"}
+HIGHER_IS_BETTER = {"test_log_lik"}
 TASK = {"vae": "density", "diffusion": "density", "bbb": "prediction"}
 
 
@@ -123,15 +125,18 @@ def paired_comparisons(summary: pd.DataFrame, baselines: dict[str, str]) -> pd.D
 
 def ranking(stats: pd.DataFrame) -> pd.DataFrame:
     """Models ranked within each dataset and task (density models by -ELBO in nats per
-    example, lower is better; BBB separately, its -ELBO being on labels). `tied_with_next`
-    when the 95% intervals of neighbours overlap: the order is within seed noise."""
+    example, lower is better; BBB separately, by held-out log-likelihood, higher is
+    better). `tied_with_next` when the 95% intervals of neighbours overlap: the order is
+    within seed noise."""
     rows = []
     stats = stats.assign(task=stats["family"].map(TASK))
     for (dataset, task), group in stats.groupby(["dataset", "task"], sort=False):
-        group = group[group["metric"] == group["family"].map(RANK_BY)].sort_values("mean", kind="stable").reset_index(drop=True)
+        group = group[group["metric"] == group["family"].map(RANK_BY)]
+        descending = bool(group["metric"].isin(HIGHER_IS_BETTER).all())
+        group = group.sort_values("mean", ascending=not descending, kind="stable").reset_index(drop=True)
         for i, row in group.iterrows():
             nxt = group.iloc[i + 1] if i + 1 < len(group) else None
-            tied = bool(nxt is not None and row["ci95_high"] >= nxt["ci95_low"])
+            tied = bool(nxt is not None and min(row["ci95_high"], nxt["ci95_high"]) >= max(row["ci95_low"], nxt["ci95_low"]))
             rows.append({"dataset": dataset, "task": task, "rank": i + 1, "model": row["model"],
                          "family": row["family"], "metric": row["metric"], "mean": row["mean"], "std": row["std"],
                          "n_seeds": row["n_seeds"], "tied_with_next": tied})
