@@ -22,7 +22,10 @@ from klbench.plots import _pyplot as _plain_pyplot
 
 NATS = "nats per example"
 GENERATIVE = ("vae", "diffusion")  # density models of x; BBB models labels y given x
-GRID_COLUMNS = ("log_snr", "t")  # the grid variable of a diffusion loss_curve.csv, preferred first
+# The grid variable of a diffusion loss_curve.csv, preferred first: DDPM's KL_t per step and
+# VDM's loss per unit log-SNR are different quantities and must not share an axis.
+GRID_COLUMNS = ("t", "log_snr")
+GRID_UNITS = {"t": "KL_t (nats per example, per step)", "log_snr": "nats per example per unit log-SNR"}
 GRID_LABELS = {"log_snr": "log-SNR  λ = log(α²/σ²)", "t": "timestep t"}
 SWEEP_NAME = re.compile(r"^(?P<base>.+)-(?P<tag>[a-z_]+)(?P<value>\d+(?:\.\d*)?(?:e-?\d+)?)$")  # NAME-<tag><value>
 
@@ -52,7 +55,9 @@ def _palette(summary: pd.DataFrame) -> dict[str, tuple]:
     import seaborn as sns
 
     models = _models(summary)
-    colours = sns.color_palette("tab10" if len(models) <= 10 else "husl", len(models))
+    # 18 distinguishable colours (tab10 then Dark2) before falling back to evenly spaced hues
+    distinct = sns.color_palette("tab10") + sns.color_palette("Dark2")
+    colours = distinct[: len(models)] if len(models) <= len(distinct) else sns.color_palette("husl", len(models))
     return dict(zip(models, colours))
 
 
@@ -389,14 +394,15 @@ def diffusion_curves(summary: pd.DataFrame, runs_dir: Path, stem: Path) -> dict[
         ax.set_title(f"{dataset}: " + (f"per {GRID_LABELS.get(grid, grid).split('  ')[0]}" if value == "loss"
                                          else f"{value} per {grid}"))
         ax.set_xlabel(GRID_LABELS.get(grid, grid))
-        ax.set_ylabel(f"loss ({NATS})")
+        ax.set_ylabel(GRID_UNITS.get(grid, f"loss ({NATS})"))
         if (frame[value] > 0).all() and frame[value].max() / frame[value].min() > 100:
             ax.set_yscale("log")
     handles = [_handle(plt, colours[m], m, marker="") for m in _models(curves)]
     _save(plt, fig, stem, "Diffusion loss along the noise schedule (test set)", handles, ncol=5)
     caption = ("Per-example diffusion loss along each model's noise grid (line: mean over seeds, band: seed "
-               "range): where a curve is high is where the model pays most of its diffusion-term nats; "
-               "models on the same grid variable share a panel.")
+               "range): where a curve is high is where the model pays most of its diffusion-term nats. DDPM "
+               "panels show KL_t per timestep t, VDM panels the loss per unit log-SNR; their areas, not their "
+               "heights, compare.")
     return {Path(stem): caption}
 
 
