@@ -178,10 +178,13 @@ def test_mlflow_ui_shows_the_runs_filters_by_tag_and_shows_ledger_metrics(smoke,
                     pytest.fail("mlflow ui did not answer /health within 120 s")
                 time.sleep(0.5)
         client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+        family_of = families_of(config)
+        for family in sorted(set(family_of.values())):  # one experiment per family
+            experiment = client.get_experiment_by_name(family).experiment_id
+            runs_page = chromium("--dump-dom", f"{url}/#/experiments/{experiment}/runs").stdout
+            for dataset, model, seed in run_grid(config):
+                assert (f"{dataset}/{model}/seed{seed}" in runs_page) == (family_of[model] == family)
         experiment = client.get_experiment_by_name("vae").experiment_id
-        runs_page = chromium("--dump-dom", f"{url}/#/experiments/{experiment}/runs").stdout
-        for dataset, model, seed in run_grid(config):
-            assert f"{dataset}/{model}/seed{seed}" in runs_page
         digits_only = chromium("--dump-dom", f"{url}/#/experiments/{experiment}/runs?searchFilter="
                                + urllib.parse.quote('tags.dataset = "digits"')).stdout
         assert "digits/vae/seed0" in digits_only and "checkerboard/" not in digits_only
