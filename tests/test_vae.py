@@ -125,7 +125,7 @@ def test_discrete_distortion_includes_the_dequantization_term():
     z = torch.zeros(1, len(x), 3)
     out = model.decoder(z)
     density_in_y = log_normal_diag(y, out, (2 * model.log_scale).expand_as(out))
-    torch.testing.assert_close(model.log_decoder(y, z), density_in_y - x.shape[1] * math.log(17))
+    torch.testing.assert_close(model.distortion(y, z), -(density_in_y - x.shape[1] * math.log(17)))
 
 
 def test_non_finite_loss_stops_training_with_a_clear_error():

@@ -61,19 +61,22 @@ class RunningMeans:
     """
 
     def __init__(self) -> None:
-        self._sums: dict[str, Tensor] = {}
+        self._names: tuple[str, ...] = ()
+        self._sums: Tensor | None = None  # (n_terms,), in the order of _names
         self._count = 0
 
     def add(self, terms: dict[str, Tensor]) -> None:
-        for name, value in terms.items():
-            batch_sum = value.detach().sum()
-            self._sums[name] = self._sums[name] + batch_sum if name in self._sums else batch_sum
+        # one stack, one reduction and one in-place add per batch, whatever the number of terms
+        batch_sums = torch.stack(list(terms.values())).detach().sum(1)  # (n_terms,)
+        if self._sums is None:
+            self._names, self._sums = tuple(terms), batch_sums
+        else:
+            self._sums += batch_sums
         self._count += next(iter(terms.values())).shape[0]
 
     def means(self) -> dict[str, float]:
-        names = list(self._sums)
-        values = (torch.stack([self._sums[n] for n in names]).double() / self._count).tolist()
-        out = dict(zip(names, values))
+        values = (self._sums.double() / self._count).tolist()
+        out = dict(zip(self._names, values))
         out["neg_elbo"] = sum(values)
         return out
 

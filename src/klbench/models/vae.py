@@ -106,17 +106,20 @@ class VAE(nn.Module):
         mu, logvar = self.encoder(y).chunk(2, dim=-1)
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
-    def log_decoder(self, y: Tensor, z: Tensor) -> Tensor:
-        """log d(x|z) in nats, summed over data dims: z (..., B, L) -> (..., B)."""
+    def distortion(self, y: Tensor, z: Tensor) -> Tensor:
+        """-log d(x|z) in nats, summed over data dims: z (..., B, L) -> (..., B).
+
+        Computed as a negative log-likelihood directly (a BCE sum for binary data) rather
+        than as the negation of log d(x|z): the training step runs no extra negations."""
         out = self.decoder(z)  # (..., B, D)
         if self.kind == "binary":
-            return -nn.functional.binary_cross_entropy_with_logits(out, y.expand_as(out), reduction="none").sum(-1)
+            return nn.functional.binary_cross_entropy_with_logits(out, y.expand_as(out), reduction="none").sum(-1)
         logvar = (2 * self.log_scale).clamp(LOGVAR_MIN, LOGVAR_MAX).expand_as(out)
-        log_density = log_normal_diag(y, out, logvar)
+        neg_log_density = -log_normal_diag(y, out, logvar)
         if self.kind == "discrete":
             # change of variables from y in [0,1)^D back to integer units: p(x + u) = p(y) / L^D
-            log_density = log_density - self.dim * math.log(self.levels)
-        return log_density
+            neg_log_density = neg_log_density + self.dim * math.log(self.levels)
+        return neg_log_density
 
     def log_prior(self, z: Tensor) -> Tensor:
         """log m(z), summed over latent dims: (..., B, L) -> (..., B)."""
@@ -147,12 +150,14 @@ class VAE(nn.Module):
         y = self.observe(x)
         mu, logvar = self.encode(y)
         z = self.sample_posterior(mu, logvar, self.config.k)  # (k, B, L)
-        log_lik = self.log_decoder(y, z)  # (k, B)
         rate = self.rate(mu, logvar, z[:1])
-        distortion = -log_lik[0]
         if self.config.k == 1:
+            # decoding (B, L) rather than (1, B, L) spares every Linear a reshape, forward and backward
+            distortion = self.distortion(y, z[0])  # (B,)
             objective = distortion + self.config.beta * rate
         else:
+            log_lik = -self.distortion(y, z)  # (k, B)
+            distortion = -log_lik[0]
             log_w = log_lik + self.config.beta * (self.log_prior(z) - log_normal_diag(z, mu, logvar))  # (k, B)
             objective = -(torch.logsumexp(log_w, 0) - math.log(self.config.k))
         return objective.mean(), {"rate": rate.detach(), "distortion": distortion.detach()}
@@ -163,7 +168,7 @@ class VAE(nn.Module):
         y = self.observe(x)
         mu, logvar = self.encode(y)
         z = self.sample_posterior(mu, logvar, samples)
-        return {"rate": self.rate(mu, logvar, z), "distortion": -self.log_decoder(y, z).mean(0)}
+        return {"rate": self.rate(mu, logvar, z), "distortion": self.distortion(y, z).mean(0)}
 
     @torch.no_grad()
     def log_importance_weights(self, x: Tensor, k: int) -> Tensor:
@@ -171,7 +176,7 @@ class VAE(nn.Module):
         y = self.observe(x)
         mu, logvar = self.encode(y)
         z = self.sample_posterior(mu, logvar, k)
-        log_w = self.log_decoder(y, z) + self.log_prior(z) - log_normal_diag(z, mu, logvar)
+        log_w = self.log_prior(z) - log_normal_diag(z, mu, logvar) - self.distortion(y, z)
         return log_w.double()
 
     @torch.no_grad()
