@@ -2,7 +2,6 @@
 every applicable figure is written as PNG and PDF, and an absent family gives no figure."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 
 from klbench import figures
 from klbench.aggregate import summary_table
-from klbench.plots import samples_figure
+from klbench.plots import SAMPLES_FILE, save_samples
 
 SEEDS = (0, 1)
 ENTROPY = {"ring": 1.5, "pix": None}  # ring: toy 2-D data with known H; pix: 8x8 images
@@ -74,17 +73,18 @@ def loss_curve(model: str, base: float) -> pd.DataFrame:
     return pd.DataFrame({"t": np.arange(1, 17), "loss": loss})
 
 
-def sample_picture(dataset: str, path: Path) -> None:
-    """A samples.png drawn the way the training jobs draw it (two panels: data | samples)."""
+def write_samples(dataset: str, run_dir: Path) -> None:
+    """samples.npz as the training jobs write it; one ring sample lies far outside the data."""
     rng = np.random.default_rng(0)
     shape = (2,) if dataset == "ring" else (8, 8)
-    samples_figure(rng.random((64, int(np.prod(shape)))), rng.random((64, int(np.prod(shape)))), shape,
-                   f"{dataset}/model/seed0", path)
+    samples, data = rng.random((64, int(np.prod(shape)))), rng.random((64, int(np.prod(shape))))
+    if dataset == "ring":
+        samples[0] = [40.0, 40.0]
+    save_samples(run_dir / SAMPLES_FILE, samples, data, shape)
 
 
 def build_runs(root: Path) -> Path:
     runs = root / "runs"
-    pictures = {}
     for model, (family, bases) in MODELS.items():
         for dataset, base in bases.items():
             for seed in SEEDS:
@@ -98,10 +98,7 @@ def build_runs(root: Path) -> Path:
                 if family == "diffusion":
                     loss_curve(model, base * (1 + 0.1 * seed)).to_csv(run_dir / "loss_curve.csv", index=False)
                 if seed == 0 and family in figures.GENERATIVE:
-                    if dataset not in pictures:
-                        pictures[dataset] = root / f"{dataset}.png"
-                        sample_picture(dataset, pictures[dataset])
-                    shutil.copy(pictures[dataset], run_dir / "samples.png")
+                    write_samples(dataset, run_dir)
     return runs
 
 
@@ -177,7 +174,7 @@ def test_absent_family_gives_no_figure_and_no_error(runs, tmp_path, family, data
 
 
 def test_missing_run_files_are_skipped(runs, tmp_path):
-    """Runs without loss_curve.csv / history.csv / samples.png give no curve, not an error."""
+    """Runs without loss_curve.csv / history.csv / samples.npz give no curve, not an error."""
     _, summary = runs
     empty = tmp_path / "no-runs"
     assert figures.diffusion_curves(summary, empty, tmp_path / "d") == {}
@@ -205,13 +202,17 @@ def test_merge_close_joins_labels_of_coinciding_points():
     assert [labels for _, labels in figures._merge_close(points, [4, 2, 0.5])] == [[4, 2], [0.5]]
 
 
-def test_split_samples_finds_the_two_panels(tmp_path):
-    import matplotlib.pyplot as plt
+def test_sample_frames_hold_the_data_and_are_square():
+    data = np.random.default_rng(1).normal(size=(500, 2)) * [3.0, 0.5] + [10.0, -2.0]
+    (x0, x1), (y0, y1) = figures._frame(data)
+    assert x1 - x0 == pytest.approx(y1 - y0)
+    assert (data[:, 0] > x0).all() and (data[:, 0] < x1).all() and (data[:, 1] > y0).all() and (data[:, 1] < y1).all()
 
-    sample_picture("pix", tmp_path / "two.png")
-    picture = plt.imread(tmp_path / "two.png")
-    data, samples = figures._split_samples(picture)
-    assert data.shape[0] == samples.shape[0] < picture.shape[0]  # the title row is cut off
-    assert abs(data.shape[1] - samples.shape[1]) < 0.2 * picture.shape[1]
-    plt.imsave(tmp_path / "one.png", np.random.default_rng(0).random((50, 120)))
-    assert figures._split_samples(plt.imread(tmp_path / "one.png")) is None
+
+def test_sample_grids_redraw_the_stored_samples_of_every_generative_model(runs, tmp_path):
+    runs_dir, summary = runs
+    captions = figures.sample_grids(summary, runs_dir, tmp_path / "s")
+    assert set(captions) == {tmp_path / "s-ring", tmp_path / "s-pix"}
+    assert "frame" in captions[tmp_path / "s-ring"] and "grey scale" in captions[tmp_path / "s-pix"]
+    for stem in captions:
+        check_figure(stem)

@@ -68,6 +68,7 @@ def test_every_run_directory_is_complete_and_its_ledger_adds_up(smoke):
         history = pd.read_csv(run_dir / "history.csv")
         assert history["epoch"].max() == resolve_run(config, dataset, model, seed).train.epochs
         assert (history["neg_elbo"] - history[list(terms)].sum(axis=1)).abs().max() < 1e-6
+        assert (run_dir / "samples.npz").exists() == (family != "bbb")  # generative families only
         if family == "vae":
             check_vae_ledger(config, dataset, terms, derived, diagnostics)
         elif family == "diffusion":

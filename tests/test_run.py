@@ -11,6 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from klbench.config import RunConfig, load_config, resolve_run, validate_config
 from klbench.errors import TrainingError
+from klbench.plots import SAMPLES_FILE
 from klbench.run import RUN_FILES, execute_run
 
 pytestmark = pytest.mark.slow
@@ -32,7 +33,7 @@ def runs_of(uri: str):
 def test_a_run_writes_its_directory_and_one_finished_mlflow_run(tiny):
     run, tmp = tiny
     ledger = execute_run(run, tmp / "out", progress=False)
-    assert {p.name for p in (tmp / "out").iterdir()} == set(RUN_FILES)
+    assert {p.name for p in (tmp / "out").iterdir()} == set(RUN_FILES) | {SAMPLES_FILE}  # a generative run
     assert json.loads((tmp / "out" / "ledger.json").read_text()) == ledger
     assert RunConfig.from_dict(json.loads((tmp / "out" / "config.json").read_text())) == run
     state = torch.load(tmp / "out" / "model.pt", weights_only=True)
@@ -42,7 +43,8 @@ def test_a_run_writes_its_directory_and_one_finished_mlflow_run(tiny):
     (finished,) = runs_of(tracked["tracking_uri"])
     assert finished.info.run_id == tracked["run_id"] and finished.info.status == "FINISHED"
     timing = json.loads((tmp / "out" / "timing.json").read_text())
-    assert 0 < timing["tracking_s"] < timing["total_s"]
+    assert 0 < timing["tracking_s"] < timing["total_s"] and 0 < timing["tracking_open_s"] < timing["total_s"]
+    assert timing["tracking_s"] + timing["tracking_open_s"] < timing["total_s"]
     assert "timing" not in ledger
 
 

@@ -452,60 +452,60 @@ def training_curves(summary: pd.DataFrame, runs_dir: Path, stem: Path) -> dict[P
 
 # --- 6. sample grids ----------------------------------------------------------------------
 
-def _split_samples(picture: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """plots.samples_figure draws a title over two panels, held-out data | model samples: the
-    two panels below the title, split at the widest blank gutter near the middle, or None
-    where the picture has another layout."""
-    ink = picture[..., :3].mean(-1) < 0.97  # (H, W)
-    inked = np.flatnonzero(ink.any(1))
-    if len(inked) < 2 or not (gaps := np.flatnonzero(np.diff(inked) > 1)).size:
-        return None
-    body = inked[gaps[0] + 1]  # first inked row below the title block
-    width = picture.shape[1]
-    blank = ~ink[body:].any(0)
-    best, start = (0, 0), None
-    for column in range(int(0.3 * width), int(0.7 * width) + 1):
-        if blank[column] and start is None:
-            start = column
-        if (not blank[column] or column == int(0.7 * width)) and start is not None:
-            best, start = max(best, (column - start, (start + column) // 2)), None
-    if best[0] < 0.01 * width:
-        return None
-    return picture[body:, : best[1]], picture[body:, best[1] :]
+def _frame(data: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Axis limits of a 2-D scatter: the held-out data's range with a 15% margin, square."""
+    low, high = data.min(0), data.max(0)
+    centre, half = (low + high) / 2, 0.575 * (high - low).max()
+    return (centre[0] - half, centre[0] + half), (centre[1] - half, centre[1] + half)
 
 
 def sample_grids(summary: pd.DataFrame, runs_dir: Path, stem: Path) -> dict[Path, str]:
-    """Per dataset, the samples.png of each generative model's first seed side by side: the
-    held-out data once, then each model's samples (whole pictures where they cannot be split)."""
+    """Per dataset, the held-out data and the samples of each generative model's first seed
+    (samples.npz of its run), redrawn on common axes: one frame and grey scale for all."""
+    from klbench.plots import SAMPLES_FILE, draw_samples, is_scatter, load_samples
+
     written = {}
     runs = _family(summary, GENERATIVE).sort_values("seed")
+    colours = _palette(summary)
     for dataset in runs["dataset"].unique():
         first = runs[runs["dataset"] == dataset].drop_duplicates("model")
-        paths = {row["model"]: path for _, row in first.iterrows()
-                 if (path := _run_dir(runs_dir, row) / "samples.png").exists()}
-        if not paths:
+        stored = {row["model"]: load_samples(path) for _, row in first.iterrows()
+                  if (path := _run_dir(runs_dir, row) / SAMPLES_FILE).exists()}
+        if not stored:
             continue
-        plt = _pyplot()
-        pictures = {m: plt.imread(paths[m]) for m in sorted(paths, key=_sort_key)}
-        halves = {m: _split_samples(p) for m, p in pictures.items()}
+        stored = {m: stored[m] for m in sorted(stored, key=_sort_key)}
+        _, data, shape = next(iter(stored.values()))
         seed = int(first["seed"].min())
-        if all(halves.values()):
-            panels = {"": next(iter(halves.values()))[0],  # its own title says held-out data
-                      **{m: h[1] for m, h in halves.items()}}
-        else:
-            panels = pictures
-        height, width = next(iter(panels.values())).shape[:2]
-        ncols = 4 if width < 1.3 * height else 2
-        _, fig, axes = _panels(len(panels), ncols, (4.2 * min(width / height, 1.6), 4.2 * min(height / width, 1) + 0.3))
-        for ax, (name, picture) in zip(axes, panels.items()):
-            ax.imshow(picture, interpolation="lanczos")
-            ax.set_axis_off()
-            ax.set_title(name, fontsize=12, fontweight="bold" if name in paths else "normal")
+        size = (3.6, 3.9) if is_scatter(shape) else (3.6, 4.0) if len(shape) == 2 else (4.6, 3.2)
+        plt, fig, axes = _panels(len(stored) + 1, 4, size)
+        vmax = float(data.max())
+        panels = [("held-out data", data, "0.3")] + [(m, samples, colours[m]) for m, (samples, _, _) in stored.items()]
+        for ax, (name, points, colour) in zip(axes, panels):
+            draw_samples(ax, points, shape, colour, vmax)
+            title = name
+            if is_scatter(shape):
+                xlim, ylim = _frame(data)
+                ax.set_xlim(*xlim)
+                ax.set_ylim(*ylim)
+                outside = ((points[:, 0] < xlim[0]) | (points[:, 0] > xlim[1])
+                           | (points[:, 1] < ylim[0]) | (points[:, 1] > ylim[1])).mean()
+                if outside >= 0.005:
+                    title += f"\n({100 * outside:.0f}% of samples outside the frame)"
+            elif len(shape) == 1:
+                ax.set_ylim(data.min() - 0.1 * np.ptp(data), data.max() + 0.1 * np.ptp(data))
+            ax.set_title(title, fontsize=11, fontweight="normal" if name == "held-out data" else "bold")
         path = Path(f"{stem}-{dataset}")
-        _save(plt, fig, path, f"{dataset}: samples of each model (seed {seed})")
+        _save(plt, fig, path, f"{dataset}: held-out data and samples of each model (seed {seed})")
+        if is_scatter(shape):
+            detail = ("Every panel has the held-out data's frame, so shapes compare directly; a panel's title "
+                      "says how many samples fall outside it.")
+        elif len(shape) == 2:
+            detail = ("VAE images are decoder means (pixel probabilities), diffusion images samples in data "
+                      "units, all on one grey scale.")
+        else:
+            detail = "The first 16 samples of each model as curves, on the data's value range."
         written[path] = (f"Held-out data and samples of every generative model on {dataset} (seed {seed}); "
-                         "compare them with the −ELBO of each model. Axis ranges of scatter plots differ "
-                         "between models: read the ticks.")
+                         f"compare them with the −ELBO of each model. {detail}")
     return written
 
 

@@ -32,30 +32,51 @@ def image_grid(images: np.ndarray, shape: tuple[int, int], n: int = 64) -> np.nd
     return grid
 
 
+# The drawn samples and the held-out data beside them, so that comparison figures redraw
+# them on common axes (figures.sample_grids) rather than re-using each run's picture.
+SAMPLES_FILE = "samples.npz"
+
+
+def save_samples(path: Path, samples: np.ndarray, data: np.ndarray, shape: tuple[int, ...]) -> None:
+    """samples (n, D) and held-out data (m, D) in data units, and the data shape."""
+    np.savez_compressed(path, samples=samples.astype(np.float32), data=data.astype(np.float32),
+                        shape=np.asarray(shape))
+
+
+def load_samples(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]]:
+    with np.load(path) as stored:
+        return stored["samples"], stored["data"], tuple(int(n) for n in stored["shape"])
+
+
+def is_scatter(shape: tuple[int, ...]) -> bool:
+    return shape == (2,)
+
+
+def draw_samples(ax, points: np.ndarray, shape: tuple[int, ...], colour, vmax: float) -> None:
+    """One panel of points in data units: a scatter for 2-D data, an image grid for images
+    (grey levels 0..vmax), overlaid curves of the first 16 rows for 1-D signals."""
+    if is_scatter(shape):
+        ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.4, color=colour)
+        ax.set_aspect("equal")
+    elif len(shape) == 2:
+        ax.imshow(image_grid(points, shape), cmap="gray_r", interpolation="nearest", vmin=0, vmax=vmax)
+        ax.set_axis_off()
+    else:
+        ax.plot(points[:16].T, lw=1, alpha=0.7)
+        ax.set_xlabel("dimension")
+
+
 def samples_figure(
     samples: np.ndarray, data: np.ndarray, shape: tuple[int, ...], title: str, path: Path
 ) -> None:
-    """Model samples beside held-out data: a scatter for 2-D data, image grids for images,
-    overlaid curves for 1-D signals."""
+    """Model samples beside held-out data, on shared axes."""
     plt = _pyplot()
-    if len(shape) == 1 and shape[0] == 2:
-        fig, axes = plt.subplots(1, 2, figsize=(8, 4), sharex=True, sharey=True)
-        for ax, points, label in ((axes[0], data, "held-out data"), (axes[1], samples, "model samples")):
-            ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.4, color="C0" if ax is axes[0] else "C1")
-            ax.set_title(label)
-            ax.set_aspect("equal")
-    elif len(shape) == 2:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 4.8))
-        for ax, images, label in ((axes[0], data, "held-out data"), (axes[1], samples, "model samples (decoder means)")):
-            ax.imshow(image_grid(images, shape), cmap="gray_r", interpolation="nearest", vmin=0, vmax=data.max())
-            ax.set_axis_off()
-            ax.set_title(label)
-    else:
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=True)
-        for ax, rows, label in ((axes[0], data, "held-out data"), (axes[1], samples, "model samples")):
-            ax.plot(rows[:16].T, lw=1, alpha=0.7)
-            ax.set_title(label)
-            ax.set_xlabel("dimension")
+    size = (8, 4) if is_scatter(shape) else (9, 4.8) if len(shape) == 2 else (9, 3.5)
+    fig, axes = plt.subplots(1, 2, figsize=size, sharex=len(shape) == 1, sharey=len(shape) == 1)
+    label = "model samples (decoder means)" if len(shape) == 2 else "model samples"
+    for ax, points, name, colour in ((axes[0], data, "held-out data", "C0"), (axes[1], samples, label, "C1")):
+        draw_samples(ax, points, shape, colour, vmax=float(data.max()))
+        ax.set_title(name)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -117,16 +117,24 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 
 class RunTracker:
-    """One MLflow run for one training job. `seconds` counts the time spent in MLflow."""
+    """One MLflow run for one training job.
+
+    `open_seconds` is the one-time cost of reaching the store (importing mlflow and its
+    SQLAlchemy store, opening it, finding the experiment); `seconds` is the time spent
+    logging (the run, params, metrics, artifacts, status). They are kept apart because the
+    first is a fixed cost of any process that uses MLflow, the second what our logging adds.
+    """
 
     def __init__(self, uri: str, experiment: str, run_key: str, tags: Mapping[str, Any], params: Mapping[str, Any]):
         self.uri, self.experiment, self.run_key = uri, experiment, run_key
         self.seconds = 0.0
+        self.open_seconds = 0.0
         self.run_id: str | None = None
         self._pending: list = []
         self._last_flush = time.monotonic()
         self.experiment_id: str | None = None
         self._tags, self._params = dict(tags), dict(params)
+        self._older_finished: list[str] = []
 
     def _timed(self, fn, *args, **kwargs):
         start = time.perf_counter()
@@ -136,19 +144,27 @@ class RunTracker:
             self.seconds += time.perf_counter() - start
 
     def start(self) -> None:
-        self._timed(self._start)
-
-    def _start(self) -> None:
-        from mlflow.entities import Param, RunTag
-
+        opened = time.perf_counter()
         try:
             self.client = _client(self.uri)
             self.experiment_id = ensure_experiment(self.client, self.experiment)
         except Exception as error:
             raise TrackingError(f"cannot use MLflow tracking store {self.uri}: {_first_line(error)}") from None
-        for stale in self._runs_of_key("RUNNING"):
-            self.client.set_tag(stale.info.run_id, "klbench.closed_reason", "left RUNNING by a killed job")
-            self.client.set_terminated(stale.info.run_id, "KILLED")
+        finally:
+            self.open_seconds = time.perf_counter() - opened
+        self._timed(self._start)
+
+    def _start(self) -> None:
+        from mlflow.entities import Param
+
+        # one search per run key: RUNNING runs were left by a killed job and are closed now;
+        # FINISHED ones are marked superseded once this run has finished too
+        for older in self._runs_of_key():
+            if older.info.status == "RUNNING":
+                self.client.set_tag(older.info.run_id, "klbench.closed_reason", "left RUNNING by a killed job")
+                self.client.set_terminated(older.info.run_id, "KILLED")
+            elif older.info.status == "FINISHED" and older.data.tags.get(SUPERSEDED_TAG) != "true":
+                self._older_finished.append(older.info.run_id)
         tags = {RUN_KEY_TAG: self.run_key, **{k: str(v) for k, v in self._tags.items()}}
         run = self.client.create_run(self.experiment_id, run_name=self.run_key, tags=tags)
         self.run_id = run.info.run_id
@@ -156,8 +172,8 @@ class RunTracker:
         for chunk in _chunks(params, MAX_PARAMS_PER_BATCH):
             self.client.log_batch(self.run_id, params=chunk)
 
-    def _runs_of_key(self, status: str) -> list:
-        query = f"tags.`{RUN_KEY_TAG}` = '{self.run_key}' and attributes.status = '{status}'"
+    def _runs_of_key(self) -> list:
+        query = f"tags.`{RUN_KEY_TAG}` = '{self.run_key}'"
         return self.client.search_runs([self.experiment_id], filter_string=query, max_results=1000)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
@@ -201,10 +217,9 @@ class RunTracker:
         self._flush()  # also for a failed run: its curves up to the failure are worth seeing
         self.client.set_terminated(self.run_id, status)
         if status == "FINISHED":
-            for older in self._runs_of_key("FINISHED"):
-                if older.info.run_id != self.run_id and older.data.tags.get(SUPERSEDED_TAG) != "true":
-                    self.client.set_tag(older.info.run_id, SUPERSEDED_TAG, "true")
-                    self.client.set_tag(older.info.run_id, "klbench.superseded_by", self.run_id)
+            for older in self._older_finished:
+                self.client.set_tag(older, SUPERSEDED_TAG, "true")
+                self.client.set_tag(older, "klbench.superseded_by", self.run_id)
 
     def describe(self) -> dict[str, str | None]:
         return {"tracking_uri": self.uri, "experiment": self.experiment, "experiment_id": self.experiment_id,
