@@ -479,12 +479,12 @@ def sample_grids(summary: pd.DataFrame, runs_dir: Path, stem: Path) -> dict[Path
         size = (3.6, 3.9) if is_scatter(shape) else (3.6, 4.0) if len(shape) == 2 else (4.6, 3.2)
         plt, fig, axes = _panels(len(stored) + 1, 4, size)
         vmax = float(data.max())
+        xlim, ylim = _frame(data) if is_scatter(shape) else (None, None)
         panels = [("held-out data", data, "0.3")] + [(m, samples, colours[m]) for m, (samples, _, _) in stored.items()]
         for ax, (name, points, colour) in zip(axes, panels):
             draw_samples(ax, points, shape, colour, vmax)
             title = name
             if is_scatter(shape):
-                xlim, ylim = _frame(data)
                 ax.set_xlim(*xlim)
                 ax.set_ylim(*ylim)
                 outside = ((points[:, 0] < xlim[0]) | (points[:, 0] > xlim[1])

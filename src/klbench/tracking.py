@@ -70,15 +70,20 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {line[:200]}{'...' if len(line) > 200 else ''}"
 
 
+def open_store(uri: str, experiments: list[str]) -> tuple[Any, list[str]]:
+    """A client of the store and the ids of these experiments, creating what is missing;
+    one TrackingError line for a store that cannot be used."""
+    try:
+        client = _client(uri)
+        return client, [ensure_experiment(client, name) for name in experiments]
+    except Exception as error:  # mlflow raises many types for an unusable store
+        raise TrackingError(f"cannot use MLflow tracking store {uri}: {_first_line(error)}") from None
+
+
 def init_store(uri: str, experiments: list[str]) -> None:
     """Create the tracking store and experiments once, before parallel jobs start:
     several processes creating a new SQLite store at once crash in its migration."""
-    try:
-        client = _client(uri)
-        for name in experiments:
-            ensure_experiment(client, name)
-    except Exception as error:  # mlflow raises many types for an unusable store
-        raise TrackingError(f"cannot use MLflow tracking store {uri}: {_first_line(error)}") from None
+    open_store(uri, experiments)
 
 
 SUMMARY_EXPERIMENT = "summary"
@@ -146,10 +151,7 @@ class RunTracker:
     def start(self) -> None:
         opened = time.perf_counter()
         try:
-            self.client = _client(self.uri)
-            self.experiment_id = ensure_experiment(self.client, self.experiment)
-        except Exception as error:
-            raise TrackingError(f"cannot use MLflow tracking store {self.uri}: {_first_line(error)}") from None
+            self.client, (self.experiment_id,) = open_store(self.uri, [self.experiment])
         finally:
             self.open_seconds = time.perf_counter() - opened
         self._timed(self._start)

@@ -156,9 +156,9 @@ class VAE(nn.Module):
             distortion = self.distortion(y, z[0])  # (B,)
             objective = distortion + self.config.beta * rate
         else:
-            log_lik = -self.distortion(y, z)  # (k, B)
-            distortion = -log_lik[0]
-            log_w = log_lik + self.config.beta * (self.log_prior(z) - log_normal_diag(z, mu, logvar))  # (k, B)
+            distortions = self.distortion(y, z)  # (k, B)
+            distortion = distortions[0]
+            log_w = self.config.beta * (self.log_prior(z) - log_normal_diag(z, mu, logvar)) - distortions  # (k, B)
             objective = -(torch.logsumexp(log_w, 0) - math.log(self.config.k))
         return objective.mean(), {"rate": rate.detach(), "distortion": distortion.detach()}
 
