@@ -1,4 +1,8 @@
-"""Ledgers -> tables. Reads run directories' ledger.json files only (no models, no MLflow)."""
+"""Ledgers -> tables. Reads run directories' ledger.json files only (no models, no MLflow).
+
+What a run is ranked and tabulated by comes from its ledger.json, as its family declared it
+(run.task, run.ranks, run.headline; the term names are the keys of `terms`), so a new family
+needs no change here."""
 
 import json
 from pathlib import Path
@@ -20,10 +24,16 @@ def read_ledger(path: Path) -> dict[str, Any]:
 
 
 def ledger_row(ledger: dict[str, Any]) -> dict[str, Any]:
-    """One flat row: run keys, every ledger term, derived quantities, diagnostics, timing."""
+    """One flat row: run keys, what the run is ranked by (ranks as JSON, terms and headline
+    comma-joined), the swept parameter and its value, every ledger term, derived quantities,
+    diagnostics."""
     run = ledger["run"]
     row: dict[str, Any] = {k: run[k] for k in KEY_COLUMNS}
-    row.update({"config_hash": run["config_hash"], "data_hash": run["data_hash"],
+    ((sweep_param, sweep_value),) = run["sweep"].items() if run["sweep"] else ((None, None),)
+    row.update({"variant_of": run["variant_of"], "sweep_param": sweep_param, "sweep_value": sweep_value,
+                "task": run["task"], "ranks": json.dumps(run["ranks"]), "terms": ",".join(ledger["terms"]),
+                "headline": ",".join(run["headline"]),
+                "config_hash": run["config_hash"], "data_hash": run["data_hash"],
                 "git_commit": run.get("git_commit"), "git_dirty": run.get("git_dirty")})
     row.update(ledger["terms"])
     row.update(ledger["derived"])
@@ -58,13 +68,20 @@ def write_summary(ledger_paths: list[Path], out: Path) -> pd.DataFrame:
 
 GROUP = ["dataset", "family", "model"]
 # Columns that describe a run rather than measure it.
-NOT_METRICS = {"seed", "config_hash", "data_hash", "git_commit", "git_dirty", "data_entropy_true", "data_entropy"}
-# What a model is ranked and paired by, per family: density models by their bound on
-# -log p(x) (lower is better); BBB by the held-out log-likelihood of the labels under its
-# predictive distribution (higher is better), since the MAP baseline's -ELBO is no bound.
-RANK_BY = {"vae": "neg_elbo", "diffusion": "neg_elbo", "bbb": "test_log_lik"}
-HIGHER_IS_BETTER = {"test_log_lik"}
-TASK = {"vae": "density", "diffusion": "density", "bbb": "prediction"}
+NOT_METRICS = {"seed", "config_hash", "data_hash", "git_commit", "git_dirty", "data_entropy_true", "data_entropy",
+               "sweep_value"}
+
+
+def model_ranks(summary: pd.DataFrame) -> pd.DataFrame:
+    """One row per (dataset, family, model) and task it is ranked on: metric, higher_is_better,
+    primary (whether the task is the run's own, its first rank), from the ledgers' run.ranks."""
+    rows = []
+    for (dataset, family, model), runs in summary.groupby(GROUP, sort=False):
+        first = runs.iloc[0]
+        for rank in json.loads(first["ranks"]):
+            rows.append({"dataset": dataset, "family": family, "model": model, **rank,
+                         "primary": rank["task"] == first["task"]})
+    return pd.DataFrame(rows, columns=[*GROUP, "task", "metric", "higher_is_better", "primary"])
 
 
 def metric_columns(summary: pd.DataFrame) -> list[str]:
@@ -101,16 +118,16 @@ def seed_stats(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_comparisons(summary: pd.DataFrame, baselines: dict[str, str]) -> pd.DataFrame:
-    """Each model against its family's baseline on the same dataset and seeds:
-    d_s = metric(model, s) - metric(baseline, s); mean of d with its 95% t interval. The
-    difference is larger than the seed noise when the interval excludes 0."""
+    """Each model against its family's baseline on the same dataset and seeds, on the metric of
+    the run's primary task: d_s = metric(model, s) - metric(baseline, s); mean of d with its
+    95% t interval. The difference is larger than the seed noise when the interval excludes 0."""
     rows = []
     for (dataset, family), group in summary.groupby(["dataset", "family"], sort=False):
         baseline = baselines.get(family)
         if baseline not in set(group["model"]):
             continue
         base = group[group["model"] == baseline].set_index("seed")
-        metric = RANK_BY[family]
+        metric = next(r["metric"] for r in json.loads(base["ranks"].iloc[0]) if r["task"] == base["task"].iloc[0])
         for model, runs in group[group["model"] != baseline].groupby("model", sort=False):
             runs = runs.set_index("seed")
             seeds = sorted(set(runs.index) & set(base.index))
@@ -123,16 +140,17 @@ def paired_comparisons(summary: pd.DataFrame, baselines: dict[str, str]) -> pd.D
     return pd.DataFrame(rows)
 
 
-def ranking(stats: pd.DataFrame) -> pd.DataFrame:
-    """Models ranked within each dataset and task (density models by -ELBO in nats per
-    example, lower is better; BBB separately, by held-out log-likelihood, higher is
-    better). `tied_with_next` when the 95% intervals of neighbours overlap: the order is
-    within seed noise."""
+def ranking(stats: pd.DataFrame, ranks: pd.DataFrame) -> pd.DataFrame:
+    """Models ranked within each dataset and task, each by the metric its family declares for
+    that task (e.g. density models by -ELBO in nats per example, lower is better; classifiers
+    by held-out log-likelihood, higher is better); a model ranked on two tasks appears in both.
+    `tied_with_next` when the 95% intervals of neighbours overlap: the order is within seed noise."""
     rows = []
-    stats = stats.assign(task=stats["family"].map(TASK))
-    for (dataset, task), group in stats.groupby(["dataset", "task"], sort=False):
-        group = group[group["metric"] == group["family"].map(RANK_BY)]
-        descending = bool(group["metric"].isin(HIGHER_IS_BETTER).all())
+    ranked = stats.merge(ranks, on=[*GROUP, "metric"])
+    for (dataset, task), group in ranked.groupby(["dataset", "task"], sort=False):
+        if group["higher_is_better"].nunique() > 1:
+            raise DataError(f"{dataset}, task {task}: the families disagree on the direction of their metrics")
+        descending = bool(group["higher_is_better"].iloc[0])
         group = group.sort_values("mean", ascending=not descending, kind="stable").reset_index(drop=True)
         for i, row in group.iterrows():
             nxt = group.iloc[i + 1] if i + 1 < len(group) else None
@@ -143,10 +161,11 @@ def ranking(stats: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def cross_family(stats: pd.DataFrame) -> pd.DataFrame:
+def cross_family(stats: pd.DataFrame, ranks: pd.DataFrame) -> pd.DataFrame:
     """Density models of different families on the same dataset, in common units: -ELBO
     in nats per example and, for image-like data, bits per dimension."""
-    density = stats[stats["family"].map(TASK) == "density"]
+    density_models = ranks.loc[ranks["task"] == "density", GROUP].drop_duplicates()
+    density = stats.merge(density_models, on=GROUP)
     shared = density.groupby("dataset")["family"].nunique()
     density = density[density["dataset"].isin(shared[shared > 1].index)]
     wide = density[density["metric"].isin(["neg_elbo", "bpd", "kl_total"])].pivot_table(
@@ -182,21 +201,27 @@ def ledger_markdown(stats: pd.DataFrame, metrics: list[str]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-TABLE_METRICS = ["rate", "distortion", "prior", "diffusion", "reconstruction", "complexity", "nll", "neg_elbo", "bpd",
-                 "kl_total", "inference_gap", "model_gap", "mutual_info", "marginal_kl", "active_units"]
+# Derived quantities every table shows after the terms (where a run has them).
+DERIVED_METRICS = ["neg_elbo", "bpd", "kl_total", "inference_gap", "model_gap"]
+
+
+def table_metrics(summary: pd.DataFrame) -> list[str]:
+    """The columns of the Markdown ledger tables: every family's terms (in its order), the
+    derived quantities, then the diagnostics the families name as their headline."""
+    listed = lambda column: [n for cell in summary[column].dropna().unique() for n in cell.split(",") if n]  # noqa: E731
+    return list(dict.fromkeys([*listed("terms"), *DERIVED_METRICS, *listed("headline")]))
 
 
 def write_tables(summary: pd.DataFrame, out_dir: Path, baselines: dict[str, str]) -> dict[str, Path]:
     """Every comparison table as CSV and Markdown into out_dir; returns name -> CSV path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = seed_stats(summary)
-    extra = [m for m in metric_columns(summary) if m not in TABLE_METRICS and not m.startswith("iwae_nll")
-             and summary.loc[summary["family"] == "bbb", m].notna().any()] if "bbb" in set(summary["family"]) else []
+    ranks = model_ranks(summary)
     tables = {
-        "ledger": (stats, ledger_markdown(stats, TABLE_METRICS + extra)),
+        "ledger": (stats, ledger_markdown(stats, table_metrics(summary))),
         "paired": (paired := paired_comparisons(summary, baselines), paired.to_markdown(index=False, floatfmt=".4g")),
-        "ranking": (ranks := ranking(stats), ranks.to_markdown(index=False, floatfmt=".4g")),
-        "cross_family": (cross := cross_family(stats), cross.to_markdown(index=False, floatfmt=".4g")),
+        "ranking": (ranked := ranking(stats, ranks), ranked.to_markdown(index=False, floatfmt=".4g")),
+        "cross_family": (cross := cross_family(stats, ranks), cross.to_markdown(index=False, floatfmt=".4g")),
     }
     paths = {}
     for name, (table, markdown) in tables.items():

@@ -1,4 +1,4 @@
-"""Command line: `klbench train | evaluate | verify | aggregate | plot | summary-run | grid | init-tracking`.
+"""Command line: `klbench train | evaluate | verify | aggregate | plot | summary-run | grid | schema | init-tracking`.
 
 User errors (KlbenchError) end in one line on stderr and exit code 2; the traceback is
 kept for bugs only.
@@ -10,7 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from klbench.errors import CheckpointError, ConfigError, KlbenchError
+from klbench.errors import CheckpointError, ConfigError, DataError, KlbenchError
 
 
 def _run_config(args: argparse.Namespace):
@@ -43,7 +43,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     import torch
 
-    from klbench.config import RunConfig, family_config
+    from klbench.config import RunConfig
     from klbench.data import load_dataset
     from klbench.evaluate import evaluate
     from klbench.models import get_family
@@ -56,7 +56,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise CheckpointError(f"cannot read {run_dir / 'config.json'}: {error}") from None
     dataset = load_dataset(run.dataset, **run.dataset_options)
     family = get_family(run.family)
-    model = family.build(family_config(run.family, run.params, "params"), dataset)
+    model = family.build(run.params, dataset)
     checkpoint = run_dir / "model.pt"
     try:
         # weights_only: a checkpoint is data, never code to unpickle
@@ -73,7 +73,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     torch.set_num_threads(run.threads)
     seed_everything(run.seed)
     with tempfile.TemporaryDirectory() as scratch:  # diagnostics' files are not wanted here
-        result = evaluate(model, family, dataset, run.evaluate, Path(scratch))
+        result = evaluate(model, family, dataset, run.evaluate, Path(scratch), run.params)
     print(json.dumps(result.ledger, indent=2))
 
 
@@ -103,9 +103,17 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
-    from klbench.figures import plot_results
+    import pandas as pd
 
-    captions = plot_results(Path(args.summary), Path(args.runs), Path(args.out))
+    from klbench.figures import plan_figures, plot_results
+    from klbench.models import get_family
+
+    try:
+        pairs = pd.read_csv(args.summary, usecols=["dataset", "family"]).drop_duplicates()
+    except (OSError, ValueError) as error:
+        raise DataError(f"cannot read the summary table {args.summary}: {error}") from None
+    plan = plan_figures([(d, get_family(f)) for d, f in pairs.itertuples(index=False)])
+    captions = plot_results(Path(args.summary), Path(args.runs), Path(args.out), plan)
     print(f"wrote {len(captions)} figures (PNG and PDF) to {args.out}", file=sys.stderr)
 
 
@@ -133,6 +141,14 @@ def cmd_grid(args: argparse.Namespace) -> None:
 
     for dataset, model, seed in run_grid(validate_config(load_config(args.config))):
         print(f"{dataset}/{model}/seed{seed}")
+
+
+def cmd_schema(args: argparse.Namespace) -> None:
+    import yaml
+
+    from klbench.config import config_schema
+
+    print(yaml.safe_dump(config_schema(), sort_keys=False, width=100), end="")
 
 
 def cmd_init_tracking(args: argparse.Namespace) -> None:
@@ -192,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     grid = commands.add_parser("grid", help="list the runs a config asks for")
     grid.add_argument("--config", action="append", required=True)
     grid.set_defaults(func=cmd_grid)
+
+    schema = commands.add_parser("schema", help="print the whole config schema (family sections included) as YAML")
+    schema.set_defaults(func=cmd_schema)
 
     init = commands.add_parser("init-tracking", help="create the MLflow store and experiments before parallel jobs")
     init.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")

@@ -2,10 +2,12 @@
 
 Config flows one way. `load_config` reads and merges YAML files (later files override
 earlier ones key by key, as Snakemake's `--configfile` does) and `validate_config`
-checks them against the JSON schema (the one Snakemake's workflow uses too, so the CLI
-and the pipeline accept exactly the same files) and fills its defaults. `run_grid` lists
-the (dataset, model, seed) runs, and `resolve_run` turns one of them into a `RunConfig`:
-everything a training job needs, passed as explicit arguments from there on.
+checks them against the JSON schema (`config_schema`: the static top level in
+schemas/config.schema.yaml, and the sections of the settings dataclasses generated from
+them, so a default or a limit is written once, in its dataclass) and fills the top-level
+defaults. `run_grid` lists the (dataset, model, seed) runs, and `resolve_run` turns one of
+them into a `RunConfig`: everything a training job needs, with typed settings, passed as
+explicit arguments from there on.
 """
 
 import copy
@@ -22,59 +24,53 @@ from typing import Any
 import yaml
 
 from klbench.errors import ConfigError
+from klbench.settings import build_settings, describe_schema_error, schema_of, setting
 
 SCHEMA_PATH = resources.files("klbench") / "schemas" / "config.schema.yaml"
 
-# Short tags for swept hyperparameters in variant names (beta_vae-b0.5); others use the key.
+# Short tags of swept hyperparameters in variant names (beta_vae-b0.5); others use the key.
+# Only names are made from them: a sweep's value is stored in the run's config and ledger.
 SWEEP_TAGS = {"beta": "b"}
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int
-    batch_size: int
-    lr: float
-    eval_every: int
+    """How every run trains (the `train` block; families, datasets and models override it)."""
 
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+    epochs: int = setting(40, "Passes over the training split.", minimum=1)
+    batch_size: int = setting(128, "Examples per gradient step.", minimum=1)
+    lr: float = setting(1e-3, "Adam learning rate.", exclusiveMinimum=0)
+    eval_every: int = setting(1, "Held-out ledger every n epochs (and after the last).", minimum=1)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    samples: int
-    iwae_k: tuple[int, ...]
-    iwae_examples: int
-    curve_points: int
-    ece_bins: int
+    """How every run is evaluated (the `evaluate` block). A family whose diagnostics need more
+    settings declares a subclass with them (its `Family.evaluate`)."""
 
-    def __post_init__(self) -> None:
-        largest = max(self.iwae_k)
-        if any(largest % k for k in self.iwae_k):
-            raise ValueError(f"every iwae_k must divide the largest ({largest}), got {list(self.iwae_k)}")
-        object.__setattr__(self, "iwae_k", tuple(sorted(self.iwae_k)))
+    samples: int = setting(16, "Monte Carlo samples per example for the held-out ledger terms.", minimum=1)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything one training job uses; written to the run's config.json."""
+    """Everything one training job uses; written to the run's config.json.
+
+    params and evaluate are the family's typed settings (Family.config, Family.evaluate);
+    variant_of is the `models` entry the variant comes from, sweep its swept value ({} if none)."""
 
     dataset: str
     dataset_options: dict[str, Any]
     model: str
     family: str
-    params: dict[str, Any]
+    params: Any
     seed: int
     train: TrainConfig
-    evaluate: EvalConfig
+    evaluate: Any
+    variant_of: str = ""
+    sweep: dict[str, Any] = field(default_factory=dict)
     threads: int = 1
     device: str = "cpu"
     tracking_uri: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def run_key(self) -> str:
@@ -85,42 +81,32 @@ class RunConfig:
 
     def config_hash(self) -> str:
         """Hash of what determines the result (not where it is tracked or how many threads)."""
-        content = {k: v for k, v in self.to_dict().items() if k not in ("tracking_uri", "threads", "extra")}
+        content = {k: v for k, v in self.to_dict().items() if k not in ("tracking_uri", "threads")}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":
+        """A RunConfig from its dict (config.json, --spec): every part checked, settings typed."""
+        from klbench.models import get_family
+
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"run: expected a mapping, got {type(values).__name__}")
         values = dict(values)
-        values["train"] = checked_dataclass(TrainConfig, values.get("train", {}), "train")
-        values["evaluate"] = checked_dataclass(EvalConfig, values.get("evaluate", {}), "evaluate")
-        run = checked_dataclass(cls, values, "run")
-        family_config(run.family, run.params, f"models.{run.model}.params")
-        return run
-
-
-def checked_dataclass(cls: type, values: Mapping[str, Any], where: str) -> Any:
-    """Build dataclass `cls` from a mapping; unknown/missing keys and bad values -> ConfigError."""
-    if not isinstance(values, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key '{unknown[0]}'; known keys: {', '.join(fields)}")
-    required = [n for n, f in fields.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [n for n in required if n not in values]
-    if missing:
-        raise ConfigError(f"{where}: missing key '{missing[0]}'")
-    try:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ConfigError(f"run: unknown key '{unknown[0]}'; known keys: {', '.join(fields)}")
+        missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING and n not in values]
+        if missing:
+            raise ConfigError(f"run: missing key '{missing[0]}'")
+        family = get_family(values["family"])
+        where = f"models.{values['model']}"
+        values["params"] = build_settings(family.config, values["params"], f"{where}.params")
+        values["evaluate"] = build_settings(family.evaluate, values["evaluate"], f"{where}.evaluate")
+        values["train"] = build_settings(TrainConfig, values["train"], f"{where}.train")
+        values.setdefault("variant_of", values["model"])
         return cls(**values)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{where}: {error}") from None
-
-
-def family_config(family: str, params: Mapping[str, Any], where: str) -> Any:
-    """The family's typed config (e.g. VAEConfig) from its params, checked."""
-    from klbench.models import get_family
-
-    return checked_dataclass(get_family(family).Config, params, where)
 
 
 def load_config(paths: list[str | Path]) -> dict[str, Any]:
@@ -158,8 +144,50 @@ def _coerce_integer_strings(value: Any) -> Any:
     return value
 
 
+def _union_schema(classes: list[type]) -> dict[str, Any]:
+    """An object that may hold any field of any of these settings classes (first declaration wins)."""
+    properties: dict[str, Any] = {}
+    for cls in classes:
+        for name, schema in schema_of(cls)["properties"].items():
+            properties.setdefault(name, schema)
+    return {"type": "object", "additionalProperties": False, "properties": properties}
+
+
+def config_schema() -> dict[str, Any]:
+    """The whole config schema: the static top level (schemas/config.schema.yaml) with the
+    sections of the settings dataclasses generated from them, one per registered family."""
+    from klbench.models import FAMILIES
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    defs = schema["$defs"]
+    defs["train"] = {**schema_of(TrainConfig), "description": "Overrides of the `train` settings."}
+    defs["evaluate"] = {**_union_schema([EvalConfig] + [f.evaluate for f in FAMILIES.values()]),
+                        "description": "Overrides of evaluation settings (keys of any family's `evaluate`)."}
+    schema["properties"]["evaluate"] = {**schema_of(EvalConfig), "default": {},
+                                        "description": "Evaluation settings of every run; family-specific ones go "
+                                                       "in families.<family>.evaluate."}
+    schema["properties"]["train"] = {**schema_of(TrainConfig), "default": {},
+                                     "description": "Training settings of every run."}
+    families = schema["properties"]["families"]
+    families["properties"] = {
+        name: {"type": "object", "additionalProperties": False, "properties": {
+            "params": {**schema_of(family.config), "description": f"Hyperparameters of every {name} model."},
+            "train": {"$ref": "#/$defs/train"},
+            "evaluate": {**schema_of(family.evaluate), "description": f"Evaluation of every {name} model."}}}
+        for name, family in FAMILIES.items()
+    }
+    model = schema["properties"]["models"]["additionalProperties"]
+    model["properties"]["family"]["enum"] = list(FAMILIES)
+    model["allOf"] = [
+        {"if": {"properties": {"family": {"const": name}}},
+         "then": {"properties": {"params": schema_of(family.config), "evaluate": schema_of(family.evaluate)}}}
+        for name, family in FAMILIES.items()
+    ]
+    return schema
+
+
 def validate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """Check a merged config against the schema and the registries; fill defaults.
+    """Check a merged config against the schema and the registries; fill top-level defaults.
 
     Every failure is a ConfigError whose message names the offending key.
     """
@@ -168,12 +196,11 @@ def validate_config(raw: Mapping[str, Any]) -> dict[str, Any]:
     config = copy.deepcopy(dict(raw))
     if "seeds" in config:
         config["seeds"] = _coerce_integer_strings(config["seeds"])
-    schema = yaml.safe_load(SCHEMA_PATH.read_text())
     validator_cls = jsonschema.validators.extend(
         jsonschema.Draft202012Validator,
         {"properties": _set_defaults(jsonschema.Draft202012Validator.VALIDATORS["properties"])},
     )
-    error = jsonschema.exceptions.best_match(validator_cls(schema).iter_errors(config))
+    error = jsonschema.exceptions.best_match(validator_cls(config_schema()).iter_errors(config))
     if error is not None:
         raise ConfigError(describe_schema_error(error)) from None
     _check_semantics(config)
@@ -191,22 +218,9 @@ def _set_defaults(validate_properties):
     return set_defaults
 
 
-def describe_schema_error(error: Any) -> str:
-    """One line naming the key, e.g. "config key 'train.epochs': -1 is less than the minimum of 1"."""
-    path = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-    message = error.message
-    if error.validator == "additionalProperties":
-        extra = re.findall(r"'([^']+)' (?:was|were) unexpected", message)
-        names = re.findall(r"'([^']+)'", message.split("(")[-1]) if not extra else extra
-        allowed = sorted(error.schema.get("properties", {}))
-        where = f"{path}." if path != "(top level)" else ""
-        return f"unknown config key '{where}{names[0] if names else '?'}'; allowed here: {', '.join(allowed)}"
-    if len(message) > 200:
-        message = message[:200] + "..."
-    return f"config key '{path}': {message}"
-
-
 def _check_semantics(config: Mapping[str, Any]) -> None:
+    """What the schema cannot say: names that must exist, and every run's settings built
+    (sweep values, rules between fields) for one seed of the grid."""
     from klbench.data import DATASETS
 
     for i, block in enumerate(config["run"]):
@@ -226,16 +240,12 @@ def _check_semantics(config: Mapping[str, Any]) -> None:
     for name in config["datasets"]:
         if name not in DATASETS:
             raise ConfigError(f"datasets: unknown dataset '{name}'; known datasets: {', '.join(sorted(DATASETS))}")
-    for name, block in [("evaluate", config["evaluate"])] + [
-        (f"datasets.{d}.evaluate", {**config["evaluate"], **b["evaluate"]}) for d, b in config["datasets"].items()
-        if "evaluate" in b
-    ]:
-        checked_dataclass(EvalConfig, {**block, "iwae_k": tuple(block["iwae_k"])}, name)
-    for variant in expand_models(config).values():
-        family_config(variant["family"], variant["params"], f"models.{variant['base']}")
-    if not run_grid(config):
+    grid = run_grid(config)
+    if not grid:
         raise ConfigError("the grid is empty: no model in `run` can train on any dataset listed with it "
                           "(e.g. a classifier needs labelled data)")
+    for dataset, model in dict.fromkeys((d, m) for d, m, _ in grid):
+        resolve_run(config, dataset, model, config["seeds"][0])
 
 
 def _sweep_name(base: str, key: str, value: Any) -> str:
@@ -244,10 +254,10 @@ def _sweep_name(base: str, key: str, value: Any) -> str:
 
 
 def expand_models(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Model variants by name: sweeps expanded, family defaults merged under each model's params."""
+    """Model variants by name: each `models` entry, or each point of its sweep, with its
+    family, params (the sweep value included), sweep ({key: value} or {}) and overrides."""
     variants: dict[str, dict[str, Any]] = {}
     for base, spec in config["models"].items():
-        params = {**config["families"].get(spec["family"], {}), **spec.get("params", {})}
         points = [(base, {})]
         if spec.get("sweep"):
             ((key, values),) = spec["sweep"].items()
@@ -258,17 +268,19 @@ def expand_models(config: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
             variants[name] = {
                 "base": base,
                 "family": spec["family"],
-                "params": {**params, **change},
+                "params": {**spec.get("params", {}), **change},
+                "sweep": change,
                 "train": spec.get("train", {}),
+                "evaluate": spec.get("evaluate", {}),
             }
     return variants
 
 
 def run_grid(config: Mapping[str, Any]) -> list[tuple[str, str, int]]:
     """(dataset, model variant, seed) for every run the config asks for, keeping only the
-    pairs whose family can model the dataset (e.g. no classifier on unlabelled 2-D data)."""
+    pairs whose family can model the dataset (e.g. no classifier on unlabelled data)."""
     from klbench.data import PROFILES
-    from klbench.models import get_family, supports
+    from klbench.models import get_family
 
     variants = expand_models(config)
     grid: dict[tuple[str, str, int], None] = {}  # ordered and without repeats across blocks
@@ -276,32 +288,42 @@ def run_grid(config: Mapping[str, Any]) -> list[tuple[str, str, int]]:
         selected = [name for name, v in variants.items() if v["base"] in block["models"] or name in block["models"]]
         for d in block["datasets"]:
             for m in selected:
-                if supports(get_family(variants[m]["family"]), *PROFILES[d]):
+                if get_family(variants[m]["family"]).supports(*PROFILES[d]):
                     grid.update({(d, m, s): None for s in config["seeds"]})
     return list(grid)
 
 
 def resolve_run(config: Mapping[str, Any], dataset: str, model: str, seed: int) -> RunConfig:
-    """The RunConfig of one grid point: train settings = global < dataset < model overrides,
-    evaluate settings = global < dataset."""
+    """The RunConfig of one grid point. Each setting takes the most specific value given:
+    train: `train` < families.<f>.train < datasets.<d>.train < models.<m>.train;
+    evaluate: `evaluate` < families.<f>.evaluate < datasets.<d>.evaluate (the keys the family
+    has) < models.<m>.evaluate; params: families.<f>.params < models.<m>.params < the sweep
+    value; and below all of them the defaults of the settings dataclasses."""
+    from klbench.models import get_family
+
     variants = expand_models(config)
     if model not in variants:
         raise ConfigError(f"unknown model '{model}'; variants in this config: {', '.join(variants)}")
     variant = variants[model]
+    family = get_family(variant["family"])
+    family_block = config["families"].get(family.name, {})
     dataset_block = config["datasets"].get(dataset, {})
-    train = {**config["train"], **dataset_block.get("train", {}), **variant["train"]}
-    evaluate = {**config["evaluate"], **dataset_block.get("evaluate", {})}
-    evaluate["iwae_k"] = tuple(evaluate["iwae_k"])
+    known = {f.name for f in dataclasses.fields(family.evaluate)}
     return RunConfig.from_dict(
         {
             "dataset": dataset,
             "dataset_options": dataset_block.get("options", {}),
             "model": model,
-            "family": variant["family"],
-            "params": variant["params"],
+            "family": family.name,
+            "params": {**family_block.get("params", {}), **variant["params"]},
             "seed": int(seed),
-            "train": train,
-            "evaluate": evaluate,
+            "train": {**config["train"], **family_block.get("train", {}), **dataset_block.get("train", {}),
+                      **variant["train"]},
+            "evaluate": {**config["evaluate"], **family_block.get("evaluate", {}),
+                         **{k: v for k, v in dataset_block.get("evaluate", {}).items() if k in known},
+                         **variant["evaluate"]},
+            "variant_of": variant["base"],
+            "sweep": variant["sweep"],
             "threads": config["threads"],
             "device": config["device"],
             "tracking_uri": config["tracking_uri"],

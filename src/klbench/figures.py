@@ -1,41 +1,49 @@
 """Comparison figures across runs: the summary table and run-directory files -> PNG and PDF.
 
-Each figure function takes the summary table (one row per run, `aggregate.summary_table`)
-and, where it needs per-run files, the runs folder (`{runs}/{dataset}/{model}/seed{seed}/`),
-writes `{stem}.png` and `{stem}.pdf` and returns {stem: caption}; it returns {} and writes
-nothing where the runs it compares are absent (e.g. no diffusion runs). Values are nats
-per example; image-like datasets get bits per dimension on a second axis. Spread over
-seeds is the range (min to max), drawn as a band or as every seed's point.
-Reads files, never models.
+What is drawn is planned from the families' declarations (`plan_figures`, known before any
+run exists, so that the workflow can declare the outputs): the ledger bars of every run, the
+training curves of each family, the sample grids of each dataset with a density model, and
+each figure a family declares (`Family.figures`), drawn by one of FIGURE_KINDS with the
+options it declared. Each drawing takes the summary table (one row per run,
+`aggregate.summary_table`) of the runs it shows and, where it needs per-run files, the runs
+folder (`{runs}/{dataset}/{model}/seed{seed}/`), writes `{stem}.png` and `{stem}.pdf` and
+returns {stem: caption}. Values are nats per example; image-like datasets get bits per
+dimension on a second axis. Spread over seeds is the range (min to max), drawn as a band or
+as every seed's point. Term names, tasks and sweeps come from the runs' ledgers (the summary's
+terms, task, variant_of, sweep_param and sweep_value columns). Reads files, never models.
 """
+
+from __future__ import annotations
 
 import json
 import math
-import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from klbench.ledger import FAMILY_TERMS as TERMS  # in stacking order
 from klbench.plots import _pyplot as _plain_pyplot
 
+if TYPE_CHECKING:
+    from klbench.models.family import Family
+
 NATS = "nats per example"
-GENERATIVE = ("vae", "diffusion")  # density models of x; BBB models labels y given x
-# The grid variable of a diffusion loss_curve.csv, preferred first: DDPM's KL_t per step and
-# VDM's loss per unit log-SNR are different quantities and must not share an axis.
-GRID_COLUMNS = ("t", "log_snr")
-GRID_UNITS = {"t": "KL_t (nats per example, per step)", "log_snr": "nats per example per unit log-SNR"}
-GRID_LABELS = {"log_snr": "log-SNR  λ = log(α²/σ²)", "t": "timestep t"}
-SWEEP_NAME = re.compile(r"^(?P<base>.+)-(?P<tag>[a-z_]+)(?P<value>\d+(?:\.\d*)?(?:e-?\d+)?)$")  # NAME-<tag><value>
+SYMBOLS = {"beta": "β"}  # how a swept parameter is written in labels
 
 
 # --- shared helpers ---------------------------------------------------------------------
 
-def _sort_key(model: str) -> tuple:
-    """Variants of a sweep in numeric order: beta_vae-b0.25 < beta_vae-b2 < beta_vae-b4."""
-    match = SWEEP_NAME.match(model)
-    return (match["base"], match["tag"], float(match["value"])) if match else (model, "", 0.0)
+def with_model_order(summary: pd.DataFrame) -> pd.DataFrame:
+    """The summary with an `order` column: models by family (in order of first appearance),
+    then by the `models` entry they come from, then by swept value (numeric order)."""
+    families = list(dict.fromkeys(summary["family"]))
+    value = pd.to_numeric(summary.get("sweep_value"), errors="coerce") if "sweep_value" in summary else np.nan
+    keys = summary.assign(_family=summary["family"].map(families.index), _value=value)
+    keys = keys.drop_duplicates("model").sort_values(["_family", "variant_of", "_value", "model"],
+                                                      na_position="first", kind="stable")
+    return summary.assign(order=summary["model"].map({m: i for i, m in enumerate(keys["model"])}))
 
 
 def _pyplot():
@@ -47,7 +55,8 @@ def _pyplot():
 
 
 def _models(frame: pd.DataFrame) -> list[str]:
-    return sorted(frame["model"].unique(), key=_sort_key)
+    """The models of a frame in the summary's order (its `order` column)."""
+    return list(frame.drop_duplicates("model").sort_values("order", kind="stable")["model"])
 
 
 def _palette(summary: pd.DataFrame) -> dict[str, tuple]:
@@ -119,7 +128,7 @@ def _run_dir(runs_dir: Path, row) -> Path:
 def _read_runs(summary: pd.DataFrame, runs_dir: Path, name: str) -> pd.DataFrame:
     """One CSV (history.csv, loss_curve.csv) from every run that has it, with the run keys."""
     frames = [pd.read_csv(path).assign(dataset=row["dataset"], model=row["model"], family=row["family"],
-                                       seed=row["seed"])
+                                       seed=row["seed"], order=row["order"])
               for _, row in summary.iterrows() if (path := _run_dir(runs_dir, row) / name).exists()]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -131,29 +140,36 @@ def _line_band(ax, frame: pd.DataFrame, x: str, y: str, colour, label: str | Non
     ax.fill_between(stats[x], stats["min"], stats["max"], color=colour, alpha=0.2, lw=0)
 
 
-def _family(summary: pd.DataFrame, families) -> pd.DataFrame:
-    return summary[summary["family"].isin(families)]
+def _density(summary: pd.DataFrame) -> pd.DataFrame:
+    """The runs of density models of x (their primary task)."""
+    return summary[summary["task"] == "density"]
 
 
-# --- 1. rate-distortion -----------------------------------------------------------------
+def _terms(summary: pd.DataFrame) -> list[str]:
+    """The ledger term names of these runs, each family's in its own order."""
+    return list(dict.fromkeys(t for cell in summary["terms"].dropna().unique() for t in cell.split(",") if t))
 
-def _beta_sweeps(vae: pd.DataFrame, runs_dir: Path | None) -> dict[str, float]:
-    """model -> beta for the models of a beta sweep: variants named NAME-b<beta> and, where
-    config.json shows it, any model with the same parameters but beta (e.g. vae at beta 1)."""
+
+# --- 1. a plane of two ledger terms (rate-distortion, information plane) ------------------
+
+def _sweeps(runs: pd.DataFrame, runs_dir: Path | None, param: str) -> dict[str, float]:
+    """model -> value of `param` for the models of a sweep over it: the variants whose
+    ledgers record a sweep of `param` and, where config.json shows it, every model with the
+    same parameters but that one (e.g. a VAE at beta 1 beside its beta sweep)."""
+    first = runs.drop_duplicates("model")
+    swept = {row["model"]: float(row["sweep_value"]) for _, row in first.iterrows()
+             if row.get("sweep_param") == param}
     params = {}
     if runs_dir is not None:
-        for _, row in vae.drop_duplicates("model").iterrows():
+        for _, row in first.iterrows():
             path = _run_dir(runs_dir, row) / "config.json"
             if path.exists():
                 params[row["model"]] = json.loads(path.read_text()).get("params", {})
-    tagged = {m: float(match["value"]) for m in vae["model"].unique()
-              if (match := SWEEP_NAME.match(m)) and match["tag"] == "b"}
-    if not tagged or not params:
-        return tagged
-    rest = lambda p: json.dumps({k: v for k, v in p.items() if k != "beta"}, sort_keys=True)  # noqa: E731
-    swept = {rest(params[m]) for m in tagged if m in params}
-    betas = {m: float(p["beta"]) for m, p in params.items() if "beta" in p and rest(p) in swept}
-    return {**tagged, **betas}
+    if not swept or not params:
+        return swept
+    rest = lambda p: json.dumps({k: v for k, v in p.items() if k != param}, sort_keys=True)  # noqa: E731
+    same = {rest(params[m]) for m in swept if m in params}
+    return {**swept, **{m: float(p[param]) for m, p in params.items() if param in p and rest(p) in same}}
 
 
 def _merge_close(points: pd.DataFrame, labels: list, within: float = 0.03) -> list[tuple[tuple, list]]:
@@ -171,42 +187,51 @@ def _merge_close(points: pd.DataFrame, labels: list, within: float = 0.03) -> li
     return groups
 
 
-def rate_distortion(summary: pd.DataFrame, stem: Path, runs_dir: Path | None = None) -> dict[Path, str]:
-    """Per dataset, each VAE's (rate, distortion): seeds as small points, the mean as a large one;
-    the beta sweep joined in beta order; R + D = H where H is known; I(X;Z) as a cross."""
-    vae = _family(summary, ["vae"])
-    if vae.empty or not {"rate", "distortion"} <= set(vae.columns):
+def plane(summary: pd.DataFrame, stem: Path, runs_dir: Path | None, options: dict[str, Any],
+          palette: dict[str, tuple]) -> dict[Path, str]:
+    """Per dataset, each model's (x, y) = two ledger terms (options x, y: e.g. rate and
+    distortion): seeds as small points, the mean as a large one; the sweep over options
+    `sweep` joined in its order; with `entropy_line`, R + D = H where H is known; with
+    `mutual_info`, I(X;Z) as a cross; with `annotate`, that metric's mean beside each point."""
+    x, y = options["x"], options["y"]
+    if summary.empty or not {x, y} <= set(summary.columns):
         return {}
-    colours = _palette(summary)
-    datasets = list(vae["dataset"].unique())
+    colours = palette
+    datasets = list(summary["dataset"].unique())
     plt, fig, axes = _panels(len(datasets), 3, (5.4, 5.0))
     has_h = has_i = has_ceiling = False
+    annotate = options.get("annotate")
+    extra = [c for c in ["mutual_info", annotate] if c and c in summary and options.get("mutual_info", c == annotate)]
     for ax, dataset in zip(axes, datasets):
-        runs = vae[vae["dataset"] == dataset]
-        means = runs.groupby("model")[["rate", "distortion"] + [c for c in ["mutual_info"] if c in runs]].mean()
+        runs = summary[summary["dataset"] == dataset]
+        means = runs.groupby("model")[[x, y] + extra].mean()
         for model in _models(runs):
             seeds, mean = runs[runs["model"] == model], means.loc[model]
-            ax.scatter(seeds["rate"], seeds["distortion"], s=12, color=colours[model], alpha=0.45, lw=0)
-            ax.scatter(mean["rate"], mean["distortion"], s=70, color=colours[model], edgecolor="k", lw=0.6,
-                       zorder=4)
-            if pd.notna(mean.get("mutual_info")):
+            ax.scatter(seeds[x], seeds[y], s=12, color=colours[model], alpha=0.45, lw=0)
+            ax.scatter(mean[x], mean[y], s=70, color=colours[model], edgecolor="k", lw=0.6, zorder=4)
+            if annotate and pd.notna(mean.get(annotate)):
+                ax.annotate(f"{annotate} {mean[annotate]:.3f}", (mean[x], mean[y]), xytext=(6, -10),
+                            textcoords="offset points", fontsize=7.5, color=colours[model])
+            if options.get("mutual_info") and pd.notna(mean.get("mutual_info")):
                 has_i = True
-                ax.plot([mean["mutual_info"], mean["rate"]], [mean["distortion"]] * 2, color=colours[model],
+                ax.plot([mean["mutual_info"], mean[x]], [mean[y]] * 2, color=colours[model],
                         lw=0.8, ls=":", zorder=3)
-                ax.scatter(mean["mutual_info"], mean["distortion"], marker="x", s=40, color=colours[model], zorder=4)
+                ax.scatter(mean["mutual_info"], mean[y], marker="x", s=40, color=colours[model], zorder=4)
         ceiling = runs["mutual_info_max"].max() if "mutual_info_max" in runs else np.nan
         if has_i and "mutual_info" in means and (means["mutual_info"] > 0.9 * ceiling).any():
             has_ceiling = True  # the estimate of I cannot exceed log N: near it, I is a lower bound
             ax.axvline(ceiling, color="0.5", ls="-.", lw=1)
-        sweep = _beta_sweeps(runs, runs_dir)
+        param = options.get("sweep")
+        sweep = _sweeps(runs, runs_dir, param) if param else {}
+        symbol = SYMBOLS.get(param, param)
         if len(sweep) > 1:
             order = sorted(sweep, key=sweep.get)
-            points = means.loc[order, ["rate", "distortion"]]
-            ax.plot(points["rate"], points["distortion"], color="0.4", lw=1, zorder=2)
-            for (r, d), betas in _merge_close(points, [sweep[m] for m in order]):
-                ax.annotate("β=" + ", ".join(f"{b:g}" for b in betas), (r, d), xytext=(6, 5),
+            points = means.loc[order, [x, y]]
+            ax.plot(points[x], points[y], color="0.4", lw=1, zorder=2)
+            for (r, d), values in _merge_close(points, [sweep[m] for m in order]):
+                ax.annotate(f"{symbol}=" + ", ".join(f"{b:g}" for b in values), (r, d), xytext=(6, 5),
                             textcoords="offset points", fontsize=8, color="0.25")
-        entropy = _entropy(summary, dataset)
+        entropy = _entropy(summary, dataset) if options.get("entropy_line") else None
         ax.margins(0.12)
         if entropy is not None:
             has_h = True
@@ -217,10 +242,11 @@ def rate_distortion(summary: pd.DataFrame, stem: Path, runs_dir: Path | None = N
             ax.set_xlim(x0, x1)
             ax.set_ylim(y0, y1)
         ax.set_title(dataset + ("" if entropy is None else f"  (H = {entropy:.3f} nats)"))
-        ax.set_xlabel(f"rate R = KL(e(z|x) ‖ m(z))  ({NATS})")
-        ax.set_ylabel(f"distortion D = −E log d(x|z)\n({NATS})")
-    handles = [_handle(plt, colours[m], m, ls="") for m in _models(vae)]
-    handles.append(_handle(plt, "0.4", "β sweep (β = weight of R in training)", marker=""))
+        ax.set_xlabel(f"{options.get('x_label', x)}  ({NATS})")
+        ax.set_ylabel(f"{options.get('y_label', y)}\n({NATS})")
+    handles = [_handle(plt, colours[m], m, ls="") for m in _models(summary)]
+    if param:
+        handles.append(_handle(plt, "0.4", f"{symbol} sweep ({symbol} = weight of {x} in training)", marker=""))
     if has_h:
         handles.append(_handle(plt, "k", "R + D = H (shaded: infeasible, −ELBO < H)", marker="", ls="--"))
     if has_i:
@@ -228,10 +254,12 @@ def rate_distortion(summary: pd.DataFrame, stem: Path, runs_dir: Path | None = N
                                marker="x", ls=""))
     if has_ceiling:
         handles.append(_handle(plt, "0.5", "log N: ceiling of the I estimate (N test examples)", marker="", ls="-."))
-    _save(plt, fig, stem, "Rate-distortion plane of the VAE variants (test set)", handles, ncol=4)
-    caption = ("Rate against distortion on held-out data, one panel per dataset: large dots are means over "
-               "seeds, small dots single seeds, and the grey line traces the β sweep; points further down-left "
-               "have a smaller −ELBO = R + D.")
+    _save(plt, fig, stem, options.get("title", f"{x} against {y} (test set)"), handles, ncol=4)
+    caption = (f"{x} against {y} on held-out data, one panel per dataset: large dots are means over seeds, small "
+               f"dots single seeds" + (f", and the grey line traces the {symbol} sweep" if param else "")
+               + f"; points further down-left have a smaller {x} + {y}.")
+    if annotate:
+        caption += f" Each mean is labelled with its {annotate}."
     if has_h:
         caption += (" The dashed line R + D = H bounds what any model can reach (shaded: −ELBO below the data "
                     "entropy); the distance from it along the diagonal is KL(P‖Q).")
@@ -245,26 +273,26 @@ def rate_distortion(summary: pd.DataFrame, stem: Path, runs_dir: Path | None = N
 
 # --- 2. ledger bars ---------------------------------------------------------------------
 
-def ledger_bars(summary: pd.DataFrame, stem: Path) -> dict[Path, str]:
-    """Stacked mean ledger terms per model, one panel per dataset and task (density of x,
-    or labels y for BBB), each with its own y scale."""
-    families = [f for f in TERMS if f in set(summary["family"])]
-    if not families:
+def ledger_bars(summary: pd.DataFrame, stem: Path, runs_dir: Path, options: dict[str, Any],
+                palette: dict[str, tuple]) -> dict[Path, str]:
+    """Stacked mean ledger terms per model, one panel per dataset and task (density of x, or
+    labels y for the models whose primary task is to predict them), each with its own y scale."""
+    if summary.empty:
         return {}
     import seaborn as sns
 
-    term_names = [t for f in families for t in TERMS[f] if t in summary]
+    term_names = [t for t in _terms(summary) if t in summary]
     term_colours = dict(zip(term_names, sns.color_palette("Set2", len(term_names))))
-    tasks = [("density of x", GENERATIVE), ("labels y (BBB)", ("bbb",))]
-    panels = [(d, name, fams) for d in summary["dataset"].unique() for name, fams in tasks
-              if summary[(summary["dataset"] == d) & summary["family"].isin(fams)].size]
-    width = max(len(_models(summary[summary["dataset"] == d])) for d, _, _ in panels)
+    predicts = summary["task"] != "density"
+    tasks = [("density of x", ~predicts), ("labels y", predicts)]
+    panels = [(d, name, rows & (summary["dataset"] == d)) for d in summary["dataset"].unique()
+              for name, rows in tasks if (rows & (summary["dataset"] == d)).any()]
+    width = max(len(_models(summary[rows])) for _, _, rows in panels)
     plt, fig, axes = _panels(len(panels), 3 if width <= 8 else 2, (max(4.6, 0.62 * width + 1.2), 4.6))
     has_h = has_bound = False
-    for ax, (dataset, task, fams) in zip(axes, panels):
-        runs = summary[(summary["dataset"] == dataset) & summary["family"].isin(fams)]
-        family_of = runs.drop_duplicates("model").set_index("model")["family"]
-        models = sorted(family_of.index, key=lambda m: (list(TERMS).index(family_of[m]), _sort_key(m)))
+    for ax, (dataset, task, rows) in zip(axes, panels):
+        runs = summary[rows]
+        models = _models(runs)
         means = runs.groupby("model").mean(numeric_only=True).loc[models]
         spread = runs.groupby("model")["neg_elbo"].agg(["min", "max"]).loc[models]
         x = np.arange(len(models))
@@ -298,8 +326,8 @@ def ledger_bars(summary: pd.DataFrame, stem: Path) -> dict[Path, str]:
         ax.set_xlim(-0.6 - spare, len(models) - 0.4 + spare)
         ax.set_xticks(x, models, rotation=35, ha="right", fontsize=9)
         ax.set_title(f"{dataset}: {task}" + ("" if entropy is None else f"  (test-set H = {entropy:.3f})"), fontsize=11)
-        ax.set_ylabel(NATS + (" (of the labels)" if fams == ("bbb",) else ""))
-        _bpd_axis(ax, _bpd_per_nat(runs, dataset) if fams == GENERATIVE else None)
+        ax.set_ylabel(NATS + (" (of the labels)" if task == "labels y" else ""))
+        _bpd_axis(ax, _bpd_per_nat(runs, dataset) if task == "density of x" else None)
     handles = [plt.Rectangle((0, 0), 1, 1, color=term_colours[t], label=t) for t in term_names]
     handles.append(_handle(plt, "k", "−ELBO = sum of terms (bar: seed range)", marker="_", ls="", ms=14, mew=1.5))
     if has_bound:
@@ -308,31 +336,34 @@ def ledger_bars(summary: pd.DataFrame, stem: Path) -> dict[Path, str]:
         handles.append(_handle(plt, "k", "data entropy H of the test examples", marker="", ls="--"))
     _save(plt, fig, stem, "Where the nats go: mean held-out ledger terms", handles, ncol=4)
     caption = ("Each bar stacks a model's mean held-out ledger terms (their sum is the −ELBO, written above "
-               "the bar, with its seed range); panels have their own scale, and BBB's nats are of labels, not "
-               "inputs.")
+               "the bar, with its seed range); panels have their own scale, and a predictive model's nats are "
+               "of labels, not inputs.")
     if has_h:
         caption += (" The dashed line is the data entropy H: the height above it, KL in the label, is the "
                     "KL(P‖Q) the model still pays.")
     return {Path(stem): caption}
 
 
-# --- 3. IWAE bound against k --------------------------------------------------------------
+# --- 3. a bound against its number of importance samples k --------------------------------------------------------------
 
-def iwae_vs_k(summary: pd.DataFrame, stem: Path) -> dict[Path, str]:
-    """-L_k against k (log axis): mean and seed range per model, one panel per dataset;
-    k = 1 is the ELBO. A second row shows the same curves less their k = 1 value."""
-    columns = {int(c.split(".", 1)[1]): c for c in summary.columns
-               if c.startswith("iwae_nll.") and c.split(".", 1)[1].isdigit() and summary[c].notna().any()}
+def bound_vs_k(summary: pd.DataFrame, stem: Path, runs_dir: Path, options: dict[str, Any],
+               palette: dict[str, tuple]) -> dict[Path, str]:
+    """-L_k against k (log axis), from the diagnostics `{column}.{k}` (options column, e.g.
+    iwae_nll): mean and seed range per model, one panel per dataset; k = 1 is the ELBO. A
+    second row shows the same curves less their k = 1 value."""
+    prefix = options["column"] + "."
+    columns = {int(c[len(prefix):]): c for c in summary.columns
+               if c.startswith(prefix) and c[len(prefix):].isdigit() and summary[c].notna().any()}
     if len(columns) < 2:
         return {}
     ks = sorted(columns)
     runs = summary.dropna(subset=[columns[k] for k in ks], how="all")
-    long = runs[["dataset", "model", "seed"] + [columns[k] for k in ks]].melt(
-        id_vars=["dataset", "model", "seed"], var_name="k", value_name="bound").dropna()
+    long = runs[["dataset", "model", "seed", "order"] + [columns[k] for k in ks]].melt(
+        id_vars=["dataset", "model", "seed", "order"], var_name="k", value_name="bound").dropna()
     long["k"] = long["k"].str.split(".").str[1].astype(int)
     long["gain"] = long["bound"] - long.groupby(["dataset", "model", "seed"])["bound"].transform(
         lambda s: s[long.loc[s.index, "k"] == min(ks)].mean())
-    colours = _palette(summary)
+    colours = palette
     datasets = list(long["dataset"].unique())
     plt, fig, axes = _panels(2 * len(datasets), len(datasets), (4.8, 3.6))
     for j, dataset in enumerate(datasets):
@@ -364,17 +395,22 @@ def iwae_vs_k(summary: pd.DataFrame, stem: Path) -> dict[Path, str]:
     return {Path(stem): caption}
 
 
-# --- 4. diffusion loss curves -------------------------------------------------------------
+# --- 4. curves along a fixed grid (e.g. a loss per noise level) -------------------------------------------------------------
 
-def diffusion_curves(summary: pd.DataFrame, runs_dir: Path, stem: Path) -> dict[Path, str]:
-    """Each diffusion run's loss_curve.csv (loss per timestep or per log-SNR), mean over seeds
-    with a band, one panel per dataset, grid variable and loss column, hue = model."""
-    curves = _read_runs(_family(summary, ["diffusion"]), runs_dir, "loss_curve.csv")
+def curves(summary: pd.DataFrame, stem: Path, runs_dir: Path, options: dict[str, Any],
+           palette: dict[str, tuple]) -> dict[Path, str]:
+    """Each run's curve file (options file, e.g. loss_curve.csv: a grid variable, then loss in
+    nats), mean over seeds with a band, one panel per dataset, grid variable and value column,
+    hue = model. options grids: grid column -> [x label, y label], preferred first; a run is
+    drawn against the first grid its file has, so different quantities never share an axis."""
+    curves = _read_runs(summary, runs_dir, options["file"])
     if curves.empty:
         return {}
-    keys = {"dataset", "model", "family", "seed"}
-    grids = [g for g in GRID_COLUMNS if g in curves] or [curves.columns[0]]
-    values = [c for c in curves.select_dtypes("number").columns if c not in keys | set(GRID_COLUMNS) | set(grids)]
+    keys = {"dataset", "model", "family", "seed", "order"}
+    grid_labels = dict(options.get("grids", {}))
+    grid_columns = tuple(grid_labels)
+    grids = [g for g in grid_columns if g in curves] or [curves.columns[0]]
+    values = [c for c in curves.select_dtypes("number").columns if c not in keys | set(grid_columns) | set(grids)]
     values = ["loss"] if "loss" in values else values
     panels = []
     for dataset in curves["dataset"].unique():
@@ -386,38 +422,38 @@ def diffusion_curves(summary: pd.DataFrame, runs_dir: Path, stem: Path) -> dict[
             panels += [(dataset, grid, value, own) for value in values if own[value].notna().any()]
     if not panels:
         return {}
-    colours = _palette(summary)
+    colours = palette
     plt, fig, axes = _panels(len(panels), 3 if len(values) == 1 else len(values), (5.0, 3.8))
     for ax, (dataset, grid, value, frame) in zip(axes, panels):
         for model in _models(frame):
             _line_band(ax, frame[frame["model"] == model].dropna(subset=[value]), grid, value, colours[model])
-        ax.set_title(f"{dataset}: " + (f"per {GRID_LABELS.get(grid, grid).split('  ')[0]}" if value == "loss"
-                                         else f"{value} per {grid}"))
-        ax.set_xlabel(GRID_LABELS.get(grid, grid))
-        ax.set_ylabel(GRID_UNITS.get(grid, f"loss ({NATS})"))
+        x_label, y_label = grid_labels.get(grid, (grid, f"loss ({NATS})"))
+        ax.set_title(f"{dataset}: " + (f"per {x_label.split('  ')[0]}" if value == "loss" else f"{value} per {grid}"))
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
         if (frame[value] > 0).all() and frame[value].max() / frame[value].min() > 100:
             ax.set_yscale("log")
     handles = [_handle(plt, colours[m], m, marker="") for m in _models(curves)]
-    _save(plt, fig, stem, "Diffusion loss along the noise schedule (test set)", handles, ncol=5)
-    caption = ("Per-example diffusion loss along each model's noise grid (line: mean over seeds, band: seed "
-               "range): where a curve is high is where the model pays most of its diffusion-term nats. DDPM "
-               "panels show KL_t per timestep t, VDM panels the loss per unit log-SNR; their areas, not their "
-               "heights, compare.")
+    _save(plt, fig, stem, options.get("title", f"{options['file']} (test set)"), handles, ncol=5)
+    caption = options.get("caption", f"Each run's {options['file']}: line, mean over seeds; band, seed range.")
     return {Path(stem): caption}
 
 
 # --- 5. training curves -------------------------------------------------------------------
 
-def training_curves(summary: pd.DataFrame, runs_dir: Path, stem: Path) -> dict[Path, str]:
-    """history.csv per family: one figure per family, rows = dataset, columns = ledger term and
-    -ELBO, colour = model; test (solid, band over seeds) and train (dashed) in each panel."""
+def training_curves(summary: pd.DataFrame, stem: Path, runs_dir: Path, options: dict[str, Any],
+                    palette: dict[str, tuple]) -> dict[Path, str]:
+    """history.csv of one family's runs: rows = dataset, columns = ledger term and -ELBO,
+    colour = model; test (solid, band over seeds) and train (dashed) in each panel."""
     written = {}
-    colours = _palette(summary)
-    for family, terms in TERMS.items():
-        history = _read_runs(_family(summary, [family]), runs_dir, "history.csv")
+    colours = palette
+    for family in summary["family"].unique():
+        runs = summary[summary["family"] == family]
+        history = _read_runs(runs, runs_dir, "history.csv")
         if history.empty:
             continue
-        columns = [t for t in (*terms, "neg_elbo") if t in history and history[t].notna().any()]
+        predicts = (runs["task"] != "density").all()
+        columns = [t for t in (*_terms(runs), "neg_elbo") if t in history and history[t].notna().any()]
         datasets = list(history["dataset"].unique())
         plt, fig, axes = _panels(len(datasets) * len(columns), len(columns), (4.4, 3.2))
         for i, dataset in enumerate(datasets):
@@ -437,11 +473,11 @@ def training_curves(summary: pd.DataFrame, runs_dir: Path, stem: Path) -> dict[P
                     ax.set_ylim(low - pad, high + pad)
                 ax.set_title(f"{dataset}: {column}" if column != "neg_elbo" else f"{dataset}: −ELBO", fontsize=10)
                 ax.set_xlabel("epoch")
-                ax.set_ylabel(NATS + (" (labels)" if family == "bbb" else ""))
+                ax.set_ylabel(NATS + (" (labels)" if predicts else ""))
         handles = [_handle(plt, colours[m], m, marker="") for m in _models(history)]
         handles += [_handle(plt, "0.3", "test (band: seed range)", marker=""),
                     _handle(plt, "0.3", "train (mean over seeds)", marker="", ls="--", lw=0.8)]
-        path = Path(f"{stem}-{family}")
+        path = Path(stem)
         _save(plt, fig, path, f"Training curves of the {family} family: ledger terms per epoch", handles, ncol=5)
         written[path] = (f"Every ledger term of the {family} models per epoch on held-out data (solid, band: seed "
                          "range) and training data (dashed), one row per dataset; the y-axis frames the last 90% "
@@ -459,21 +495,21 @@ def _frame(data: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:
     return (centre[0] - half, centre[0] + half), (centre[1] - half, centre[1] + half)
 
 
-def sample_grids(summary: pd.DataFrame, runs_dir: Path, stem: Path) -> dict[Path, str]:
-    """Per dataset, the held-out data and the samples of each generative model's first seed
+def sample_grids(summary: pd.DataFrame, stem: Path, runs_dir: Path, options: dict[str, Any],
+                 palette: dict[str, tuple]) -> dict[Path, str]:
+    """For one dataset, the held-out data and the samples of each density model's first seed
     (samples.npz of its run), redrawn on common axes: one frame and grey scale for all."""
     from klbench.plots import SAMPLES_FILE, draw_samples, is_scatter, load_samples
 
     written = {}
-    runs = _family(summary, GENERATIVE).sort_values("seed")
-    colours = _palette(summary)
+    runs = _density(summary).sort_values("seed")
+    colours = palette
     for dataset in runs["dataset"].unique():
         first = runs[runs["dataset"] == dataset].drop_duplicates("model")
-        stored = {row["model"]: load_samples(path) for _, row in first.iterrows()
+        stored = {row["model"]: load_samples(path) for _, row in first.sort_values("order").iterrows()
                   if (path := _run_dir(runs_dir, row) / SAMPLES_FILE).exists()}
         if not stored:
             continue
-        stored = {m: stored[m] for m in sorted(stored, key=_sort_key)}
         _, data, shape = next(iter(stored.values()))
         seed = int(first["seed"].min())
         size = (3.6, 3.9) if is_scatter(shape) else (3.6, 4.0) if len(shape) == 2 else (4.6, 3.2)
@@ -494,14 +530,14 @@ def sample_grids(summary: pd.DataFrame, runs_dir: Path, stem: Path) -> dict[Path
             elif len(shape) == 1:
                 ax.set_ylim(data.min() - 0.1 * np.ptp(data), data.max() + 0.1 * np.ptp(data))
             ax.set_title(title, fontsize=11, fontweight="normal" if name == "held-out data" else "bold")
-        path = Path(f"{stem}-{dataset}")
+        path = Path(stem)
         _save(plt, fig, path, f"{dataset}: held-out data and samples of each model (seed {seed})")
         if is_scatter(shape):
             detail = ("Every panel has the held-out data's frame, so shapes compare directly; a panel's title "
                       "says how many samples fall outside it.")
         elif len(shape) == 2:
-            detail = ("VAE images are decoder means (pixel probabilities), diffusion images samples in data "
-                      "units, all on one grey scale.")
+            detail = ("Images are what each model's sampler returns (a decoder's mean pixel probabilities, or "
+                      "samples in data units), all on one grey scale.")
         else:
             detail = "The first 16 samples of each model as curves, on the data's value range."
         written[path] = (f"Held-out data and samples of every generative model on {dataset} (seed {seed}); "
@@ -509,39 +545,76 @@ def sample_grids(summary: pd.DataFrame, runs_dir: Path, stem: Path) -> dict[Path
     return written
 
 
-# --- everything ---------------------------------------------------------------------------
+# --- the plan: what is drawn, known before any run exists --------------------------------
 
-def figure_names(runs: list[tuple[str, str]]) -> list[str]:
-    """The figures write_all makes for runs of these (dataset, family) pairs, known before
-    any run exists, so that the workflow can declare them as outputs."""
-    families = {family for _, family in runs}
-    names = ["ledger_bars"]
-    if "vae" in families:
-        names += ["rate_distortion", "iwae_vs_k"]
-    if "diffusion" in families:
-        names.append("diffusion_curves")
-    names += [f"training_curves-{family}" for family in sorted(families)]
-    names += [f"sample_grids-{d}" for d in dict.fromkeys(d for d, family in runs if family in GENERATIVE)]
-    return names
+# The drawings a family's declared figures (Family.figures) may name, and the three every plan has.
+FIGURE_KINDS = {"plane": plane, "bound_vs_k": bound_vs_k, "curves": curves}
+COMMON_KINDS = {"ledger_bars": ledger_bars, "training_curves": training_curves, "sample_grids": sample_grids}
 
 
-def write_all(summary: pd.DataFrame, runs_dir: Path, out_dir: Path) -> dict[str, str]:
-    """Every figure that the runs allow into out_dir (PNG and PDF); returns file stem -> caption."""
+@dataclass(frozen=True)
+class PlannedFigure:
+    """One comparison figure: its file stem, drawing, the runs it shows (of these families,
+    and of this dataset only where `dataset` is set), the drawing's options, and where the
+    report files it (category, subcategory)."""
+
+    name: str
+    kind: str
+    families: tuple[str, ...]
+    dataset: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    category: str = "all families"
+    subcategory: str = "comparison"
+
+    def runs(self, summary: pd.DataFrame) -> pd.DataFrame:
+        rows = summary["family"].isin(self.families)
+        if self.dataset is not None:
+            rows &= summary["dataset"] == self.dataset
+        return summary[rows]
+
+
+def plan_figures(pairs: list[tuple[str, Family]]) -> list[PlannedFigure]:
+    """The figures that runs of these (dataset, family) pairs make: the ledger bars of all of
+    them, each family's training curves, a sample grid per dataset with a density model, and
+    every figure the families declare (one figure per name, shared by the families that
+    declare it). The workflow declares them as outputs; `write_all` draws them."""
+    families = list(dict.fromkeys(family.name for _, family in pairs))
+    by_name = {family.name: family for _, family in pairs}
+    plan = [PlannedFigure("ledger_bars", "ledger_bars", tuple(families))]
+    declared: dict[str, PlannedFigure] = {}
+    for name in families:
+        for figure in by_name[name].figures:
+            if figure.kind not in FIGURE_KINDS:
+                raise ValueError(f"family {name}: figure {figure.name} has unknown kind {figure.kind!r}; "
+                                 f"kinds: {', '.join(FIGURE_KINDS)}")
+            shared = declared.get(figure.name)
+            members = (shared.families if shared else ()) + (name,)
+            declared[figure.name] = PlannedFigure(figure.name, figure.kind, members, options=dict(figure.options),
+                                                  category=" and ".join(members))
+    plan += list(declared.values())
+    plan += [PlannedFigure(f"training_curves-{name}", "training_curves", (name,), category=name) for name in families]
+    density_sets = dict.fromkeys(d for d, family in pairs if family.density)
+    density = tuple(name for name in families if by_name[name].density)
+    plan += [PlannedFigure(f"sample_grids-{d}", "sample_grids", density, dataset=d, category="samples", subcategory=d)
+             for d in density_sets]
+    return plan
+
+
+def write_all(summary: pd.DataFrame, runs_dir: Path, out_dir: Path, plan: list[PlannedFigure]) -> dict[str, str]:
+    """Every planned figure into out_dir (PNG and PDF); returns file stem -> caption."""
     out_dir, runs_dir = Path(out_dir), Path(runs_dir)
-    written = {
-        **rate_distortion(summary, out_dir / "rate_distortion", runs_dir),
-        **ledger_bars(summary, out_dir / "ledger_bars"),
-        **iwae_vs_k(summary, out_dir / "iwae_vs_k"),
-        **diffusion_curves(summary, runs_dir, out_dir / "diffusion_curves"),
-        **training_curves(summary, runs_dir, out_dir / "training_curves"),
-        **sample_grids(summary, runs_dir, out_dir / "sample_grids"),
-    }
+    summary = with_model_order(summary)
+    palette = _palette(summary)
+    written: dict[Path, str] = {}
+    for figure in plan:
+        draw = FIGURE_KINDS.get(figure.kind) or COMMON_KINDS[figure.kind]
+        written.update(draw(figure.runs(summary), out_dir / figure.name, runs_dir, figure.options, palette))
     return {path.name: caption for path, caption in written.items()}
 
 
-def plot_results(summary_csv: Path, runs_dir: Path, out_dir: Path) -> dict[str, str]:
+def plot_results(summary_csv: Path, runs_dir: Path, out_dir: Path, plan: list[PlannedFigure]) -> dict[str, str]:
     """What `klbench plot` calls: summary.csv + runs folder -> figures and captions.json in out_dir."""
-    captions = write_all(pd.read_csv(summary_csv), runs_dir, out_dir)
+    captions = write_all(pd.read_csv(summary_csv), runs_dir, out_dir, plan)
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "captions.json").write_text(json.dumps(captions, indent=2) + "\n")
     return captions

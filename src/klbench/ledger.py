@@ -12,14 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# Ledger term names per family, in the order tables and bars show them.
-FAMILY_TERMS: dict[str, tuple[str, ...]] = {
-    "vae": ("rate", "distortion"),
-    "diffusion": ("prior", "diffusion", "reconstruction"),
-    "bbb": ("complexity", "nll"),
-}
-
-
 @dataclass(frozen=True)
 class Ledger:
     """Per-example terms, name -> tensor of shape (N,), in nats."""

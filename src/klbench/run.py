@@ -7,6 +7,7 @@ ledger.json last, so a failed or killed job never leaves a run that looks comple
 """
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -17,12 +18,11 @@ from typing import Any
 
 import torch
 
-from klbench.config import RunConfig, family_config
+from klbench.config import RunConfig
 from klbench.data import load_dataset
 from klbench.errors import ConfigError, OutputError
-from klbench.evaluate import evaluate, split_tensors
-from klbench.models import get_family, supports
-from klbench.plots import SAMPLES_FILE, samples_figure, save_samples
+from klbench.evaluate import evaluate
+from klbench.models import get_family
 from klbench.provenance import device_name, git_state, resolve_device, versions
 from klbench.tracking import RunTracker, flatten, resolve_tracking_uri
 from klbench.train import fit, seed_everything
@@ -30,8 +30,6 @@ from klbench.train import fit, seed_everything
 # ledger.json holds only what the run computed, so that the same config, seed and thread
 # count give it byte for byte (`klbench verify`); wall-clock times go to timing.json.
 RUN_FILES = ("config.json", "history.csv", "model.pt", "samples.png", "mlflow.json", "timing.json", "ledger.json")
-# Samples drawn for samples.png: a 2-D scatter shows a cloud, an image grid shows 64.
-SCATTER_SAMPLES, IMAGE_SAMPLES = 2000, 64
 
 
 def write_json(path: Path, values: Any) -> None:
@@ -77,9 +75,8 @@ def execute_run(
     torch.set_num_threads(run.threads)
     device = resolve_device(run.device)
     family = get_family(run.family)
-    model_config = family_config(run.family, run.params, f"models.{run.model}.params")
     dataset = load_dataset(run.dataset, **run.dataset_options)
-    if not supports(family, dataset.kind, dataset.target):
+    if not family.supports(dataset.kind, dataset.target):
         raise ConfigError(f"model family '{run.family}' cannot train on {run.dataset} "
                           f"({dataset.kind} data, targets: {dataset.target or 'none'})")
 
@@ -101,9 +98,9 @@ def execute_run(
     try:
         tracker.start()
         seed_everything(run.seed)
-        model = family.build(model_config, dataset).to(device)
-        train_tensors = tuple(t.to(device) for t in split_tensors(family, dataset, "train"))
-        test_tensors = tuple(t.to(device) for t in split_tensors(family, dataset, "test"))
+        model = family.build(run.params, dataset).to(device)
+        train_tensors = tuple(t.to(device) for t in family.inputs(dataset, "train", run.params))
+        test_tensors = tuple(t.to(device) for t in family.inputs(dataset, "test", run.params))
 
         def on_epoch(epoch: int, means: dict[str, dict[str, float]]) -> None:
             metrics = {f"{split}/{k}": v for split, values in means.items() for k, v in values.items()}
@@ -122,13 +119,9 @@ def execute_run(
         eval_start = time.perf_counter()
         seed_everything(run.seed)  # the evaluation's Monte Carlo draws do not depend on training length
         model = model.cpu()
-        evaluation = evaluate(model, family, dataset, run.evaluate, staging)
+        evaluation = evaluate(model, family, dataset, run.evaluate, staging, run.params)
         result = evaluation.ledger
-        if hasattr(model, "sample"):  # supervised families draw their own samples.png (a predictive plot)
-            samples = model.sample(IMAGE_SAMPLES if len(dataset.shape) > 1 else SCATTER_SAMPLES).numpy()
-            data = dataset.x_test.numpy()
-            samples_figure(samples, data, dataset.shape, f"{run.run_key}", staging / "samples.png")
-            save_samples(staging / SAMPLES_FILE, samples, data[: len(samples)], dataset.shape)
+        family.run_figure(model, dataset, staging, run.run_key)
         eval_seconds = time.perf_counter() - eval_start
 
         final_train = next(row for row in reversed(history) if row["split"] == "train")
@@ -139,11 +132,15 @@ def execute_run(
         )
         tracker.log_curves({f"test/curve/{name}": values for name, values in evaluation.curves.items()})
         write_json(staging / "mlflow.json", tracker.describe())
+        ranks = family.ranks_for(dataset.target)
         ledger = {
             "run": {"key": run.run_key, "dataset": run.dataset, "model": run.model, "family": run.family,
-                    "seed": run.seed, "config_hash": run.config_hash(), "data_hash": dataset.data_hash,
+                    "variant_of": run.variant_of, "sweep": run.sweep, "seed": run.seed,
+                    "config_hash": run.config_hash(), "data_hash": dataset.data_hash,
                     "split": dataset.split, "dim": dataset.dim, "kind": dataset.kind, "units": "nats per example",
-                    **provenance},
+                    # what aggregation ranks and tabulates this run by, as its family declares
+                    "task": ranks[0].task, "ranks": [dataclasses.asdict(r) for r in ranks],
+                    "headline": list(family.headline), **provenance},
             **result,
             "train": {"epochs": run.train.epochs, "parameters": sum(p.numel() for p in model.parameters()),
                       "final": {k: v for k, v in final_train.items() if k not in ("epoch", "split", "wall_time")}},

@@ -4,7 +4,8 @@ import sys
 
 from klbench.config import expand_models, resolve_run, run_grid, validate_config
 from klbench.errors import ConfigError
-from klbench.figures import figure_names
+from klbench.figures import plan_figures
+from klbench.models import get_family
 
 try:
     BENCH = validate_config(config)
@@ -16,7 +17,8 @@ RESULTS = BENCH["results_dir"]
 GRID = run_grid(BENCH)
 VARIANTS = expand_models(BENCH)
 RUN_DIR = RESULTS + "/runs/{dataset}/{model}/seed{seed}"
-FIGURES = figure_names([(d, VARIANTS[m]["family"]) for d, m, _ in GRID])
+# the comparison figures, as the families of the grid declare them (name, drawing, report category)
+FIGURES = plan_figures([(d, get_family(VARIANTS[m]["family"])) for d, m, _ in dict.fromkeys((d, m, 0) for d, m, _ in GRID)])
 # (family, dataset, model) of every trained pair: its first seed's figure goes into the report
 PAIRS = list(dict.fromkeys((VARIANTS[m]["family"], d, m) for d, m, _ in GRID))
 

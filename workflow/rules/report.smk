@@ -1,18 +1,14 @@
 # Figures, the per-run figures the report shows, and the MLflow summary run. They read
 # results files only: regenerating them never retrains anything.
 
-FIGURE_FAMILY = {"rate_distortion": "vae", "iwae_vs_k": "vae", "diffusion_curves": "diffusion"}
-
-
-def figure_report(name):
-    """report() flag of a comparison figure: category = its family, or all families."""
-    kind, _, detail = name.partition("-")
-    family = FIGURE_FAMILY.get(kind, detail if kind == "training_curves" else "all families")
+def figure_report(figure):
+    """report() flag of a planned comparison figure: its drawing's caption, and the category
+    (the families it shows) and subcategory that its plan gives."""
     return report(
-        f"{RESULTS}/figures/{name}.png",
-        caption=f"../report/{kind}.rst",
-        category=family if kind != "sample_grids" else "samples",
-        subcategory=detail if kind == "sample_grids" else "comparison",
+        f"{RESULTS}/figures/{figure.name}.png",
+        caption=f"../report/{figure.kind}.rst",
+        category=figure.category,
+        subcategory=figure.subcategory,
     )
 
 
@@ -20,8 +16,8 @@ rule figures:
     input:
         summary=rules.summary.output.summary,
     output:
-        png=[figure_report(name) for name in FIGURES],
-        pdf=[f"{RESULTS}/figures/{name}.pdf" for name in FIGURES],
+        png=[figure_report(figure) for figure in FIGURES],
+        pdf=[f"{RESULTS}/figures/{figure.name}.pdf" for figure in FIGURES],
         captions=f"{RESULTS}/figures/captions.json",
     log:
         f"{RESULTS}/logs/figures.log",

@@ -52,56 +52,57 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from klbench.classifier import ClassifierEvalConfig, classifier_diagnostics, reliability_run_figure
 from klbench.kl import kl_normal_normal, log_normal_diag, monte_carlo_kl
+from klbench.models.family import Diagnostics, Family, Rank
+from klbench.plots import predicted_vs_true_figure, predictive_band_figure
+from klbench.settings import setting
 
 if TYPE_CHECKING:
     from klbench.data import Dataset
+    from klbench.ledger import Ledger
 
-FAMILY = "bbb"
-TERMS = ("complexity", "nll")
-DATA_KINDS = ("continuous", "binary", "discrete")
-SUPERVISED = True
+# The predictive band: a grid over x and enough whole-network draws for a smooth mean and sd.
+BAND_GRID_POINTS, BAND_SAMPLES = 300, 200
 
 
 @dataclass(frozen=True)
 class Config:
-    """Hyperparameters of one variant (config/README.md, `families.bbb`, documents each)."""
+    """Hyperparameters of one variant."""
 
-    hidden: list[int]
-    inference: str
-    prior: str
-    prior_sigma: float
-    mixture_pi: float
-    mixture_sigma1: float
-    mixture_sigma2: float
-    local_reparam: bool
-    kl_weighting: str
-    init_rho: float
+    hidden: list[int] = setting([32, 32], "Hidden widths of the MLP, ReLU between layers ([] = linear model).",
+                                items={"minimum": 1})
+    inference: Literal["bbb", "map"] = setting(
+        "bbb", "bbb: mean-field Gaussian q(w) by Bayes by Backprop; map: a point estimate under the same prior "
+        "and likelihood (deterministic baseline; ledger complexity 0, neg_elbo = plug-in nll).")
+    prior: Literal["gaussian", "mixture"] = setting(
+        "gaussian", "p(w): N(0, prior_sigma^2) with closed-form KL, or the scale mixture "
+        "pi N(0, sigma1^2) + (1 - pi) N(0, sigma2^2) with Monte Carlo KL.")
+    prior_sigma: float = setting(1.0, "Standard deviation of the gaussian prior.", exclusiveMinimum=0)
+    mixture_pi: float = setting(0.5, "Weight pi of the sigma1 component of the mixture prior.",
+                                exclusiveMinimum=0, exclusiveMaximum=1)
+    mixture_sigma1: float = setting(1.0, "Standard deviation of the first (wide) mixture component.",
+                                    exclusiveMinimum=0)
+    mixture_sigma2: float = setting(0.0025, "Standard deviation of the second (narrow) mixture component.",
+                                    exclusiveMinimum=0)
+    local_reparam: bool = setting(False, "Sample pre-activations per example (local reparameterization trick) "
+                                  "instead of one weight draw per minibatch; bbb only.")
+    kl_weighting: Literal["uniform", "blundell"] = setting(
+        "uniform", "Share pi_i of the KL that minibatch i of M carries in training: uniform |B_i| / N_train, or "
+        "blundell 2^(M-i) / (2^M - 1). The ledger is unweighted.")
+    init_rho: float = setting(-3.0, "Initial rho of every weight and bias; sigma = softplus(rho) (-3 gives 0.049). "
+                              "Unused by map.")
 
     def __post_init__(self) -> None:
-        if any(width < 1 for width in self.hidden):
-            raise ValueError(f"hidden widths must be >= 1, got {self.hidden}")
-        if self.inference not in ("bbb", "map"):
-            raise ValueError(f"inference must be 'bbb' or 'map', got {self.inference!r}")
-        if self.prior not in PRIORS:
-            raise ValueError(f"prior must be one of {tuple(PRIORS)}, got {self.prior!r}")
-        for name in ("prior_sigma", "mixture_sigma1", "mixture_sigma2"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not 0 < self.mixture_pi < 1:
-            raise ValueError(f"mixture_pi must be in (0, 1), got {self.mixture_pi}")
-        if not isinstance(self.local_reparam, bool):
-            raise ValueError(f"local_reparam must be true or false, got {self.local_reparam!r}")
         if self.local_reparam and self.inference == "map":
             raise ValueError("local_reparam must be false for inference 'map' (a point estimate samples nothing)")
-        if self.kl_weighting not in ("uniform", "blundell"):
-            raise ValueError(f"kl_weighting must be 'uniform' or 'blundell', got {self.kl_weighting!r}")
 
 
 def kl_weight(scheme: str, batch_index: int, num_batches: int, batch_size: int, n_train: int) -> float:
@@ -297,3 +298,123 @@ def build(config: Config, dataset: Dataset) -> BayesMLP:
     elif dataset.kind == "discrete":
         scale = scale / (dataset.levels - 1)
     return BayesMLP(config, n_out, len(dataset.x_train), regression, shift, scale)
+
+
+# --- diagnostics ---------------------------------------------------------------------------------
+
+def predictive_log_lik(log_lik: Tensor) -> Tensor:
+    """log p(y | x) = log (1/S) sum_s p(y | x, w_s) per example, from log_lik (S, N): (N,), float64."""
+    log_lik = log_lik.double()
+    return torch.logsumexp(log_lik, 0) - math.log(log_lik.shape[0])
+
+
+def _regression_moments(f: Tensor, noise_var: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """From draws f(x, w_s) (S, N): the predictive mean, the variance from the weights alone,
+    and the total variance Var_s f + s^2 (law of total variance), each (N,)."""
+    var_weights = f.var(0, correction=0)
+    return f.mean(0), var_weights, var_weights + noise_var
+
+
+def _gaussian_entropy(var: Tensor) -> float:
+    """Mean of 0.5 log(2 pi e var) over examples: the entropy of the moment-matched Gaussian,
+    an upper bound on the entropy of the predictive mixture with that variance."""
+    return (0.5 * torch.log(2 * math.pi * math.e * var)).mean().item()
+
+
+def _regression_diagnostics(model: BayesMLP, dataset: Dataset, out: Tensor, config: ClassifierEvalConfig
+                            ) -> dict[str, Any]:
+    noise_var = (2 * model.log_noise).exp()
+    mean, _, var = _regression_moments(out[..., 0], noise_var)
+    values = {"rmse": (mean - dataset.y_test).pow(2).mean().sqrt().item(), "noise_scale": noise_var.sqrt().item(),
+              "entropy_in": _gaussian_entropy(var)}
+    if dataset.x_ood is not None:
+        out_ood = model(dataset.x_ood, config.samples)
+        values["entropy_ood"] = _gaussian_entropy(_regression_moments(out_ood[..., 0], noise_var)[2])
+        if dataset.y_ood is not None:
+            values["ood_log_lik"] = predictive_log_lik(model.log_likelihood(out_ood, dataset.y_ood)).mean().item()
+    if "y_std" in dataset.split:  # standardized targets: also in the data's own units, y_std * y + y_mean
+        values["rmse_original"] = values["rmse"] * dataset.split["y_std"]
+        test_log_lik = predictive_log_lik(model.log_likelihood(out, dataset.y_test)).mean().item()
+        values["test_log_lik_original"] = test_log_lik - math.log(dataset.split["y_std"])
+    return values
+
+
+@torch.no_grad()
+def run_figure(model: BayesMLP, dataset: Dataset, out_dir: Path, title: str) -> None:
+    """samples.png: the reliability diagram of a classifier; for regression the predictive band
+    over x for 1-D inputs (training range shaded), else predicted vs true test targets with +-2 sd
+    error bars (in original units where the targets were standardized)."""
+    if not model.regression:
+        return reliability_run_figure(model, dataset, out_dir, title)
+    title = f"{dataset.name}: {model.describe()}"
+    path = out_dir / "samples.png"
+    noise_var = (2 * model.log_noise).exp()
+    if dataset.dim == 1:
+        inputs = torch.cat([x for x in (dataset.x_train, dataset.x_ood) if x is not None])
+        grid = torch.linspace(inputs.min().item(), inputs.max().item(), BAND_GRID_POINTS)
+        f = model(grid[:, None], BAND_SAMPLES, local_reparam=False)[..., 0]  # (S, G)
+        grid_mean, grid_var_weights, grid_var = _regression_moments(f, noise_var)
+        train = (dataset.x_train[:, 0].numpy(), dataset.y_train.numpy())
+        ood = (dataset.x_ood[:, 0].numpy(), dataset.y_ood.numpy()) if dataset.y_ood is not None else None
+        train_range = (dataset.x_train.min().item(), dataset.x_train.max().item())
+        predictive_band_figure(grid.numpy(), grid_mean.numpy(), grid_var_weights.sqrt().numpy(),
+                               grid_var.sqrt().numpy(), train, ood, train_range, title, path)
+        return
+    mean, _, var = _regression_moments(model(dataset.x_test, BAND_SAMPLES)[..., 0], noise_var)
+    y_mean, y_std = dataset.split.get("y_mean", 0.0), dataset.split.get("y_std", 1.0)
+    unit = "original units" if "y_std" in dataset.split else "data units"
+    predicted_vs_true_figure((dataset.y_test * y_std + y_mean).numpy(), (mean * y_std + y_mean).numpy(),
+                             (var.sqrt() * y_std).numpy(), unit, title, path)
+
+
+@torch.no_grad()
+def diagnose(model: BayesMLP, dataset: Dataset, ledger: Ledger, config: ClassifierEvalConfig,
+             out_dir: Path) -> Diagnostics:
+    """Held-out predictive quality of a Bayesian network (or its MAP baseline) with S =
+    config.samples weight draws (one for MAP).
+
+    - test_log_lik: mean over test examples of log (1/S) sum_s p(y | x, w_s), nats (higher is
+      better): the log-density of the predictive distribution itself. By Jensen's inequality the
+      nll term, -(1/S) sum_s log p(y | x, w_s), is >= -test_log_lik.
+    - complexity_per_layer (bbb): KL(q(w_l) || p(w_l)) / N_train per layer, summing to the
+      complexity term (up to Monte Carlo noise for the mixture prior). map_penalty_per_layer
+      (map): -log p(w_l) / N_train, the penalty MAP trained with (not a KL; its ledger complexity is 0).
+    - classification: klbench.classifier's diagnostics (accuracy, ece, predictive entropy in and
+      out of distribution; reliability.csv) of pbar = (1/S) sum_s softmax f(x, w_s).
+    - regression: rmse of the predictive mean, the noise scale s, and the entropy of the
+      moment-matched predictive Gaussian (variance Var_s f(x, w_s) + s^2) on the test inputs
+      (entropy_in) and on the dataset's out-of-distribution inputs where it has them
+      (entropy_ood, and ood_log_lik on their targets); where the targets were standardized,
+      rmse_original and test_log_lik_original in the data's own units.
+    """
+    out = model(dataset.x_test, config.samples)  # (S, N, K)
+    per_layer = (model.layer_costs(config.samples) / model.n_train).tolist()
+    values: dict[str, Any] = {
+        "test_log_lik": predictive_log_lik(model.log_likelihood(out, dataset.y_test)).mean().item(),
+        "weight_samples": out.shape[0],
+        "complexity_per_layer" if model.bayesian else "map_penalty_per_layer":
+            {f"layer{i + 1}": value for i, value in enumerate(per_layer)},
+    }
+    if model.regression:
+        values.update(_regression_diagnostics(model, dataset, out, config))
+    else:
+        log_predict = lambda x: predictive_log_lik(model(x, config.samples).log_softmax(-1))  # noqa: E731
+        values.update(classifier_diagnostics(log_predict, dataset.x_test, dataset.y_test, config.ece_bins, out_dir))
+    return Diagnostics(values)
+
+
+FAMILY = Family(
+    name="bbb",
+    terms=("complexity", "nll"),
+    data_kinds=("continuous", "binary", "discrete"),
+    targets=("real", "class"),
+    ranks=(Rank("regression", "test_log_lik", higher_is_better=True),
+           Rank("classification", "test_log_lik", higher_is_better=True)),
+    config=Config,
+    evaluate=ClassifierEvalConfig,
+    build=build,
+    diagnose=diagnose,
+    run_figure=run_figure,
+    headline=("test_log_lik", "accuracy", "ece", "rmse", "rmse_original", "test_log_lik_original", "entropy_in",
+              "entropy_ood"),
+)

@@ -89,24 +89,27 @@ the chain T -> 1 respaced to that many steps, Nichol & Dhariwal sec. 4; exact fo
 
 from __future__ import annotations
 
+import csv
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from klbench.config import EvalConfig
 from klbench.kl import kl_normal_normal, kl_normal_std_normal, log_discretized_normal
+from klbench.models.family import Diagnostics, Family, Figure, Rank, samples_run_figure
+from klbench.models.likelihoods import KINDS
+from klbench.plots import loss_curve_figure
+from klbench.settings import setting
 
 if TYPE_CHECKING:
     from klbench.data import Dataset
-
-FAMILY = "diffusion"
-TERMS = ("prior", "diffusion", "reconstruction")
-DATA_KINDS = ("continuous", "binary", "discrete")
-SUPERVISED = False
+    from klbench.ledger import Ledger
 
 SCHEDULES = {"ddpm": ("linear", "cosine"), "vdm": ("fixed", "learned")}
 MAX_BETA = 0.999  # no single step may destroy all the signal (the cosine schedule's last step would)
@@ -117,37 +120,38 @@ QUADRATURE_NODES = 64  # Gauss-Hermite nodes of the discrete reconstruction term
 
 @dataclass(frozen=True)
 class Config:
-    process: str
-    schedule: str
-    timesteps: int
-    objective: str
-    hidden: list[int]
-    time_embedding: int
-    gamma_min: float
-    gamma_max: float
-    sample_steps: int
+    """Hyperparameters of one diffusion variant."""
+
+    process: Literal["ddpm", "vdm"] = setting(
+        "ddpm", "ddpm: discrete time, T steps (Ho et al. 2020); vdm: continuous time (Kingma et al. 2021).")
+    schedule: Literal["linear", "cosine", "fixed", "learned"] = setting(
+        "linear", "Noise schedule. ddpm: linear (beta 1e-4..0.02 scaled by 1000/T) or cosine (Nichol & Dhariwal "
+        "2021); vdm: fixed (gamma linear in t) or learned (endpoints and a monotone network; needs objective vlb).")
+    timesteps: int = setting(1000, "T, the number of steps of ddpm (vdm is continuous-time and ignores it).",
+                             minimum=2)
+    objective: Literal["simple", "vlb"] = setting(
+        "simple", "Training objective: simple = Ho's L_simple, mean ||eps - eps_hat||^2; vlb = the ledger's own "
+        "sum (the bound). The ledger is the full bound either way.")
+    hidden: list[int] = setting([128, 128, 128], "Hidden widths of the denoiser MLP (SiLU; the noise-level "
+                                "embedding is added to every hidden layer).", minItems=1, items={"minimum": 1})
+    time_embedding: int = setting(32, "Size of the sinusoidal embedding of the noise level (t/T for ddpm, "
+                                  "normalized gamma for vdm).", minimum=2, multipleOf=2)
+    gamma_min: float = setting(-13.3, "vdm: gamma = -log SNR at t = 0 (least noise; the learned schedule's "
+                               "initial value).")
+    gamma_max: float = setting(5.0, "vdm: gamma = -log SNR at t = 1 (most noise; the learned schedule's initial "
+                               "value). Also bounds the log-SNR grid of the loss curve.")
+    sample_steps: int = setting(50, "Denoising steps of the ancestral sampler behind samples.png (ddpm: the chain "
+                                "T -> 1 respaced to this many steps, exact for >= T - 1).", minimum=1)
 
     def __post_init__(self) -> None:
-        if self.process not in SCHEDULES:
-            raise ValueError(f"process must be 'ddpm' or 'vdm', got {self.process!r}")
         if self.schedule not in SCHEDULES[self.process]:
             raise ValueError(f"schedule of process {self.process!r} must be one of {SCHEDULES[self.process]}, "
                              f"got {self.schedule!r}")
-        if self.timesteps < 2:
-            raise ValueError(f"timesteps must be >= 2, got {self.timesteps}")
-        if self.objective not in ("simple", "vlb"):
-            raise ValueError(f"objective must be 'simple' or 'vlb', got {self.objective!r}")
         if self.schedule == "learned" and self.objective != "vlb":
             raise ValueError("objective must be 'vlb' with schedule 'learned' "
                              "(L_simple does not depend on the schedule)")
-        if not self.hidden or min(self.hidden) < 1:
-            raise ValueError(f"hidden must be a non-empty list of widths >= 1, got {self.hidden}")
-        if self.time_embedding < 2 or self.time_embedding % 2:
-            raise ValueError(f"time_embedding must be an even number >= 2, got {self.time_embedding}")
         if not self.gamma_min < self.gamma_max:
             raise ValueError(f"gamma_min must be < gamma_max, got {self.gamma_min} and {self.gamma_max}")
-        if self.sample_steps < 1:
-            raise ValueError(f"sample_steps must be >= 1, got {self.sample_steps}")
 
 
 # --- the variance-preserving process, in terms of gamma = -log SNR ----------------------------
@@ -306,8 +310,8 @@ class Diffusion(nn.Module):
 
     def __init__(self, config: Config, x_train: Tensor, kind: str, levels: int | None):
         super().__init__()
-        if kind not in DATA_KINDS:
-            raise ValueError(f"diffusion models data of kind {DATA_KINDS}, not {kind!r}")
+        if kind not in KINDS:
+            raise ValueError(f"diffusion models data of kind {KINDS}, not {kind!r}")
         self.config, self.dim, self.kind = config, x_train.shape[1], kind
         self.levels = 2 if kind == "binary" else levels
         outputs = self.dim if kind == "continuous" else self.dim * self.levels
@@ -601,3 +605,82 @@ PROCESSES = {"ddpm": DDPM, "vdm": VDM}
 
 def build(config: Config, dataset: Dataset) -> Diffusion:
     return PROCESSES[config.process](config, dataset.x_train, dataset.kind, dataset.levels)
+
+
+# --- diagnostics -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Evaluate(EvalConfig):
+    """The diffusion family's evaluation: its loss curve along the noise schedule."""
+
+    curve_points: int = setting(32, "Points of the fixed grid of the loss curve (per timestep / per log-SNR).",
+                                minimum=2)
+
+
+# Held-out examples of the diffusion loss curve: one network pass of this many rows per grid point.
+CURVE_EXAMPLES = 500
+# grid variable of a diffusion loss curve -> (x label, y label) of its figure
+CURVE_AXES = {
+    "t": ("timestep $t$", "KL$(q(z_{t-1}|z_t,x)\\,\\|\\,p(z_{t-1}|z_t))$\n(nats per example)"),
+    "log_snr": ("log-SNR $\\lambda = -\\gamma$",
+                "$\\frac{1}{2}\\,E\\,\\|\\epsilon - \\hat\\epsilon\\|^2$\n(nats per example per unit log-SNR)"),
+}
+
+
+@torch.no_grad()
+def diagnose(model: Diffusion, dataset: Dataset, ledger: Ledger, config: Evaluate, out_dir: Path) -> Diagnostics:
+    """The diffusion loss on a fixed grid of config.curve_points, on the first CURVE_EXAMPLES
+    held-out examples (one noise draw each): DDPM's KL_t per timestep t (the ledger's diffusion
+    term is their sum over t = 2..T), VDM's 0.5 E||eps - eps_hat||^2 per unit log-SNR over the
+    config's [-gamma_max, -gamma_min] (the term is its integral over the schedule's range).
+    Writes loss_curve.csv (grid variable(s), then loss in nats) and loss_curve.png.
+
+    values: the schedule's log-SNR range (log_snr_max at the first noise level, log_snr_min at
+    the last), and diffusion_se, the standard error of the ledger's diffusion term over the
+    held-out examples, an upper bound on its Monte Carlo error (the spread between examples
+    counts in it too).
+    """
+    x = dataset.x_test[:CURVE_EXAMPLES]
+    columns = {name: values.numpy() for name, values in model.loss_curve(x, config.curve_points).items()}
+    grid = next(iter(columns))
+    with (out_dir / "loss_curve.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(list(columns))
+        writer.writerows(zip(*(values.tolist() for values in columns.values())))
+    diffusion = ledger.terms["diffusion"].double()
+    gamma_first, gamma_last = (value.item() for value in model.endpoints())
+    process = f"{model.config.process}-{model.config.schedule}"
+    summary = (f"{len(x)} held-out examples, one draw each; "
+               f"ledger diffusion term {diffusion.mean().item():.3f} nats per example")
+    loss_curve_figure(columns[grid], columns["loss"], *CURVE_AXES[grid], summary,
+                      f"{dataset.name}: {process} diffusion loss", out_dir / "loss_curve.png")
+    values = {"log_snr_max": -gamma_first, "log_snr_min": -gamma_last,
+              "diffusion_se": (diffusion.std() / math.sqrt(len(diffusion))).item(), "curve_examples": len(x)}
+    return Diagnostics(values, curves={f"loss_per_{grid}": columns["loss"].tolist()})
+
+
+FAMILY = Family(
+    name="diffusion",
+    terms=("prior", "diffusion", "reconstruction"),
+    data_kinds=KINDS,
+    targets=None,
+    ranks=(Rank("density", "neg_elbo"),),
+    config=Config,
+    evaluate=Evaluate,
+    build=build,
+    diagnose=diagnose,
+    run_figure=samples_run_figure,
+    figures=(Figure("diffusion_curves", "curves", {
+        "file": "loss_curve.csv",
+        # the grid variable of a loss_curve.csv, preferred first: DDPM's KL_t per step and VDM's loss
+        # per unit log-SNR are different quantities and must not share an axis
+        "grids": {"t": ["timestep t", "KL_t (nats per example, per step)"],
+                  "log_snr": ["log-SNR  λ = log(α²/σ²)", "nats per example per unit log-SNR"]},
+        "title": "Diffusion loss along the noise schedule (test set)",
+        "caption": ("Per-example diffusion loss along each model's noise grid (line: mean over seeds, band: seed "
+                    "range): where a curve is high is where the model pays most of its diffusion-term nats. DDPM "
+                    "panels show KL_t per timestep t, VDM panels the loss per unit log-SNR; their areas, not "
+                    "their heights, compare.")}),),
+)
+

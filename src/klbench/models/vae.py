@@ -22,71 +22,67 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
 
+from klbench.config import EvalConfig
 from klbench.kl import kl_normal_std_normal, log_normal_diag
+from klbench.models.family import Diagnostics, Family, Figure, Rank, samples_run_figure
+from klbench.models.likelihoods import KINDS, LOGVAR_MAX, LOGVAR_MIN, DataLikelihood, mlp
+from klbench.settings import setting
 
 if TYPE_CHECKING:
     from klbench.data import Dataset
+    from klbench.ledger import Ledger
 
-FAMILY = "vae"
-TERMS = ("rate", "distortion")
-DATA_KINDS = ("continuous", "binary", "discrete")
-SUPERVISED = False
-
-# Keep exp(logvar) finite in float32 early in training; no trained model comes near these.
-LOGVAR_MIN, LOGVAR_MAX = -14.0, 10.0
+# Examples per IWAE batch are chosen so that k * batch stays under this many decoder rows:
+# larger batches only add memory traffic (k = 1024 on 2000 examples would be ~1 GB per layer).
+IWAE_ROWS = 65_536
+ACTIVE_UNIT_THRESHOLD = 0.01
 
 
 @dataclass(frozen=True)
 class Config:
-    latent_dim: int
-    hidden: list[int]
-    beta: float
-    k: int
-    prior: str
-    prior_components: int
-    decoder_scale: str
+    """Hyperparameters of one VAE variant."""
+
+    latent_dim: int = setting(8, "Dimension of z.", minimum=1)
+    hidden: list[int] = setting([128, 128], "Hidden widths of the encoder MLP; the decoder mirrors them ([] = linear).",
+                                items={"minimum": 1})
+    beta: float = setting(1.0, "Weight of the rate in training (the ledger is unweighted).", exclusiveMinimum=0)
+    k: int = setting(1, "Importance samples per example in training (1 = ELBO, > 1 = IWAE objective).", minimum=1)
+    prior: Literal["standard", "mog"] = setting("standard", "m(z): N(0, I), or a learned mixture of Gaussians.")
+    prior_components: int = setting(10, "Mixture components of the mog prior.", minimum=1)
+    decoder_scale: Literal["diagonal", "isotropic"] = setting(
+        "diagonal", "Learned std of the Gaussian decoder (continuous and discrete data): per dimension or shared.")
+
+
+@dataclass(frozen=True)
+class Evaluate(EvalConfig):
+    """The VAE's evaluation: the IWAE bound at several k on the first held-out examples."""
+
+    iwae_k: tuple[int, ...] = setting((1, 64, 1024), "Importance-sample counts k of the IWAE bound; each must "
+                                      "divide the largest.", minItems=1, items={"minimum": 1, "maximum": 5000})
+    iwae_examples: int = setting(1000, "Held-out examples of the IWAE bound and the gaps (the first n of the "
+                                 "test split).", minimum=1)
 
     def __post_init__(self) -> None:
-        if self.latent_dim < 1:
-            raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
-        if not self.beta > 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}")
-        if self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
-        if self.prior not in ("standard", "mog"):
-            raise ValueError(f"prior must be 'standard' or 'mog', got {self.prior!r}")
-        if self.prior_components < 1:
-            raise ValueError(f"prior_components must be >= 1, got {self.prior_components}")
-        if self.decoder_scale not in ("diagonal", "isotropic"):
-            raise ValueError(f"decoder_scale must be 'diagonal' or 'isotropic', got {self.decoder_scale!r}")
-
-
-def mlp(sizes: list[int]) -> nn.Sequential:
-    """Linear layers with SiLU between them (none after the last)."""
-    layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
-            layers.append(nn.SiLU())
-    return nn.Sequential(*layers)
+        largest = max(self.iwae_k)
+        if any(largest % k for k in self.iwae_k):
+            raise ValueError(f"every iwae_k must divide the largest ({largest}), got {list(self.iwae_k)}")
+        object.__setattr__(self, "iwae_k", tuple(sorted(self.iwae_k)))
 
 
 class VAE(nn.Module):
     def __init__(self, config: Config, dim: int, kind: str, levels: int | None = None):
         super().__init__()
-        if kind not in DATA_KINDS:
-            raise ValueError(f"the VAE models data of kind {DATA_KINDS}, not {kind!r}")
         self.config, self.dim, self.kind, self.levels = config, dim, kind, levels
         latent = config.latent_dim
         self.encoder = mlp([dim, *config.hidden, 2 * latent])
         self.decoder = mlp([latent, *reversed(config.hidden), dim])
-        if kind != "binary":
-            self.log_scale = nn.Parameter(torch.zeros(dim if config.decoder_scale == "diagonal" else 1))
+        self.likelihood = DataLikelihood(dim, kind, levels, config.decoder_scale)
         if config.prior == "mog":
             components = config.prior_components
             self.prior_means = nn.Parameter(torch.randn(components, latent))
@@ -97,9 +93,7 @@ class VAE(nn.Module):
 
     def observe(self, x: Tensor) -> Tensor:
         """The variable the decoder models: x itself, or dequantized y = (x + u) / L."""
-        if self.kind == "discrete":
-            return (x + torch.rand_like(x)) / self.levels
-        return x
+        return self.likelihood.observe(x)
 
     def encode(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """e(z|x) = N(mu, diag(exp(logvar))): (B, L), (B, L)."""
@@ -107,19 +101,8 @@ class VAE(nn.Module):
         return mu, logvar.clamp(LOGVAR_MIN, LOGVAR_MAX)
 
     def distortion(self, y: Tensor, z: Tensor) -> Tensor:
-        """-log d(x|z) in nats, summed over data dims: z (..., B, L) -> (..., B).
-
-        Computed as a negative log-likelihood directly (a BCE sum for binary data) rather
-        than as the negation of log d(x|z): the training step runs no extra negations."""
-        out = self.decoder(z)  # (..., B, D)
-        if self.kind == "binary":
-            return nn.functional.binary_cross_entropy_with_logits(out, y.expand_as(out), reduction="none").sum(-1)
-        logvar = (2 * self.log_scale).clamp(LOGVAR_MIN, LOGVAR_MAX).expand_as(out)
-        neg_log_density = -log_normal_diag(y, out, logvar)
-        if self.kind == "discrete":
-            # change of variables from y in [0,1)^D back to integer units: p(x + u) = p(y) / L^D
-            neg_log_density = neg_log_density + self.dim * math.log(self.levels)
-        return neg_log_density
+        """-log d(x|z) in nats, summed over data dims: z (..., B, L) -> (..., B)."""
+        return self.likelihood.nll(y, self.decoder(z))  # decoder: (..., B, D)
 
     def log_prior(self, z: Tensor) -> Tensor:
         """log m(z), summed over latent dims: (..., B, L) -> (..., B)."""
@@ -189,13 +172,104 @@ class VAE(nn.Module):
             component = torch.distributions.Categorical(logits=self.prior_logits).sample((n,))
             std = (0.5 * self.prior_logvars[component]).exp()
             z = self.prior_means[component] + std * torch.randn_like(std)
-        out = self.decoder(z)
-        if self.kind == "binary":
-            return torch.sigmoid(out)
-        if self.kind == "discrete":
-            return (out * self.levels).clamp(0, self.levels - 1)
-        return out + self.log_scale.exp() * torch.randn_like(out)
+        return self.likelihood.sample(self.decoder(z))
 
 
 def build(config: Config, dataset: Dataset) -> VAE:
     return VAE(config, dataset.dim, dataset.kind, dataset.levels)
+
+
+# --- diagnostics -------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def iwae_bounds(model: VAE, x: Tensor, ks: tuple[int, ...]) -> dict[int, Tensor]:
+    """-L_k per example for each k: the IWAE bound on -log q(x) (Burda et al. 2016, eq. 8).
+
+    L_k = E[log (1/k) sum_{i<=k} w_i]. One draw of K = max(ks) weights per example is cut
+    into K/k disjoint groups of k, and L_k is the mean over groups (float64 logsumexp).
+    The groups for a small k partition those of a larger k, so by Jensen's inequality the
+    estimates obey -L_1 >= -L_k >= -L_K for every example, not only in expectation.
+    """
+    largest = max(ks)
+    batch = max(1, IWAE_ROWS // largest)
+    log_w = torch.cat([model.log_importance_weights(x[i : i + batch], largest) for i in range(0, len(x), batch)], 1)
+    out = {}
+    for k in ks:
+        groups = log_w.reshape(largest // k, k, -1)  # (K/k, k, N)
+        out[k] = -(torch.logsumexp(groups, 1) - math.log(k)).mean(0)
+    return out
+
+
+@torch.no_grad()
+def mutual_information(model: VAE, x: Tensor) -> dict[str, float]:
+    """Rate split into mutual information and marginal KL (Hoffman & Johnson 2016):
+
+        rate = E_x KL(e(z|x) || m(z)) = I(X;Z) + KL(e(z) || m(z)),
+        I = E[log e(z|x) - log e(z)],  marginal KL = E[log e(z) - log m(z)],
+
+    with the aggregate posterior e(z) = (1/N) sum_n e(z|x_n) over the whole held-out set
+    and one z ~ e(z|x_n) per example; rate_mc = E[log e(z|x) - log m(z)] on the same draws
+    is the Monte Carlo rate they split. The estimate of I cannot exceed log N.
+    """
+    mu, logvar = model.encode(model.observe(x))
+    mu, logvar = mu.double(), logvar.double()
+    z = model.sample_posterior(mu, logvar, 1)[0]  # (N, L)
+    log_e_own = log_normal_diag(z, mu, logvar)  # (N,)
+    n = len(x)
+    # log e(z_i) = logsumexp_n log e(z_i | x_n) - log N, in row blocks to bound memory (N x N x L)
+    log_e_agg = torch.cat(
+        [torch.logsumexp(log_normal_diag(z[i : i + 256, None], mu, logvar), 1) for i in range(0, n, 256)]
+    ) - math.log(n)
+    log_m = model.log_prior(z.float()).double()
+    return {
+        "mutual_info": (log_e_own - log_e_agg).mean().item(),
+        "marginal_kl": (log_e_agg - log_m).mean().item(),
+        "rate_mc": (log_e_own - log_m).mean().item(),
+        "mutual_info_max": math.log(n),
+        "active_units": int((mu.var(0) > ACTIVE_UNIT_THRESHOLD).sum().item()),
+    }
+
+
+def diagnose(model: VAE, dataset: Dataset, ledger: Ledger, config: Evaluate, out_dir: Path) -> Diagnostics:
+    """IWAE bounds at every k, I(X;Z) and marginal KL, active units, and the
+    H - D <= I <= R bounds (Alemi et al. 2018) where H is known; nll_bound is the
+    per-example -L_K at the largest k."""
+    x_iwae = dataset.x_test[: config.iwae_examples]
+    bounds = iwae_bounds(model, x_iwae, config.iwae_k)
+    diagnostics: dict[str, Any] = {"iwae_nll": {str(k): v.double().mean().item() for k, v in bounds.items()}}
+    diagnostics["iwae_examples"] = len(x_iwae)
+    diagnostics.update(mutual_information(model, dataset.x_test))
+    means = ledger.means()
+    if dataset.entropy is not None:
+        h_minus_d = dataset.entropy - means["distortion"]
+        diagnostics["bounds"] = {
+            "h_minus_d": h_minus_d,
+            "i": diagnostics["mutual_info"],
+            "r": means["rate"],
+            "h_minus_d_le_i": h_minus_d <= diagnostics["mutual_info"],
+            "i_le_r": diagnostics["mutual_info"] <= means["rate"],
+        }
+    return Diagnostics(diagnostics, nll_bound=bounds[max(config.iwae_k)])
+
+
+FAMILY = Family(
+    name="vae",
+    terms=("rate", "distortion"),
+    data_kinds=KINDS,
+    targets=None,
+    ranks=(Rank("density", "neg_elbo"),),
+    config=Config,
+    evaluate=Evaluate,
+    build=build,
+    diagnose=diagnose,
+    run_figure=samples_run_figure,
+    figures=(
+        Figure("rate_distortion", "plane", {
+            "x": "rate", "y": "distortion", "sweep": "beta", "entropy_line": True, "mutual_info": True,
+            "x_label": "rate R = KL(e(z|x) ‖ m(z))", "y_label": "distortion D = −E log d(x|z)",
+            "title": "Rate-distortion plane of the VAE variants (test set)"}),
+        Figure("iwae_vs_k", "bound_vs_k", {"column": "iwae_nll"}),
+    ),
+    headline=("mutual_info", "marginal_kl", "active_units"),
+)

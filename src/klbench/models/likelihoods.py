@@ -1,0 +1,75 @@
+"""d(x | h): a decoder's distribution of the data given its network's output h, for every data kind.
+
+Shared by the families that decode x (the VAE, the semi-supervised VAE):
+- binary: Bernoulli with logits h.
+- continuous: Gaussian with mean h and a learned std (per dimension or one shared value), so
+  the distortion is a proper negative log-density.
+- discrete (integers 0..L-1): uniform dequantization y = (x + u) / L, u ~ U[0,1)^D, and a
+  Gaussian on y. Then -log P(x) <= E_u[-log p(y)] + D log L (Theis et al. 2016), so the
+  negative log-likelihood includes the D log L term and bounds -log P of the discrete data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from klbench.kl import log_normal_diag
+
+KINDS = ("continuous", "binary", "discrete")
+SCALES = ("diagonal", "isotropic")
+# Keep exp(logvar) finite in float32 early in training; no trained model comes near these.
+LOGVAR_MIN, LOGVAR_MAX = -14.0, 10.0
+
+
+def mlp(sizes: list[int]) -> nn.Sequential:
+    """Linear layers with SiLU between them (none after the last)."""
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.SiLU())
+    return nn.Sequential(*layers)
+
+
+class DataLikelihood(nn.Module):
+    """-log d(x | h) and draws from it, for data of one kind with D dimensions (module docstring)."""
+
+    def __init__(self, dim: int, kind: str, levels: int | None, scale: str = "diagonal"):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"data kind must be one of {KINDS}, got {kind!r}")
+        self.dim, self.kind, self.levels = dim, kind, levels
+        if kind != "binary":
+            self.log_scale = nn.Parameter(torch.zeros(dim if scale == "diagonal" else 1))
+
+    def observe(self, x: Tensor) -> Tensor:
+        """The variable the decoder models: x itself, or dequantized y = (x + u) / L."""
+        if self.kind == "discrete":
+            return (x + torch.rand_like(x)) / self.levels
+        return x
+
+    def nll(self, y: Tensor, out: Tensor) -> Tensor:
+        """-log d(y | h = out) in nats, summed over data dims: out (..., B, D) -> (..., B).
+
+        Computed as a negative log-likelihood directly (a BCE sum for binary data) rather
+        than as the negation of log d: the training step runs no extra negations."""
+        if self.kind == "binary":
+            return nn.functional.binary_cross_entropy_with_logits(out, y.expand_as(out), reduction="none").sum(-1)
+        logvar = (2 * self.log_scale).clamp(LOGVAR_MIN, LOGVAR_MAX).expand_as(out)
+        neg_log_density = -log_normal_diag(y, out, logvar)
+        if self.kind == "discrete":
+            # change of variables from y in [0,1)^D back to integer units: p(x + u) = p(y) / L^D
+            neg_log_density = neg_log_density + self.dim * math.log(self.levels)
+        return neg_log_density
+
+    def sample(self, out: Tensor) -> Tensor:
+        """x ~ d(x | h) in data units: full draws for continuous data (the decoder noise is part
+        of the density), means for images (the usual display)."""
+        if self.kind == "binary":
+            return torch.sigmoid(out)
+        if self.kind == "discrete":
+            return (out * self.levels).clamp(0, self.levels - 1)
+        return out + self.log_scale.exp() * torch.randn_like(out)
