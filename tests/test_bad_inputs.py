@@ -68,7 +68,7 @@ CASES = [
     ("beta-not-positive", lambda t: train(t, override={"models": {"vae": {"params": {"beta": 0.0}}}}),
      "models.vae"),
     ("seeds-not-integers", lambda t: train(t, override={"seeds": ["a", 1]}), "config key 'seeds.0'"),
-    ("iwae-k-not-dividing", lambda t: train(t, override={"evaluate": {"iwae_k": [1, 3, 64]}}),
+    ("iwae-k-not-dividing", lambda t: train(t, override={"families": {"vae": {"evaluate": {"iwae_k": [1, 3, 64]}}}}),
      "every iwae_k must divide the largest"),
     ("unknown-dataset-option", lambda t: train(t, override={"datasets": {"checkerboard": {"options": {"n_trian": 9}}}}),
      "has no option 'n_trian'"),

@@ -24,7 +24,7 @@ def test_default_config_is_valid_and_expands_sweeps(default):
     assert variants["beta_vae-b0.25"]["params"]["beta"] == 0.25
     assert variants["iwae-k5"]["params"]["k"] == 5
     assert variants["vae-mog"]["params"]["prior"] == "mog"
-    assert variants["vae"]["params"]["latent_dim"] == config["families"]["vae"]["latent_dim"]
+    assert resolve_run(config, "digits", "vae", 0).params.latent_dim == config["families"]["vae"]["params"]["latent_dim"]
     grid = run_grid(config)
     vae_blocks = [b for b in config["run"] if "vae" in b["models"]]
     vae_runs = [run for run in grid if variants[run[1]]["family"] == "vae"]
@@ -56,6 +56,68 @@ def test_train_settings_resolve_global_then_dataset_then_model(default):
     assert resolve_run(config, "mnist5k", "vae-mog", 0).train.epochs == config["datasets"]["mnist5k"]["train"]["epochs"]
 
 
+def test_settings_resolve_from_family_dataset_and_model_blocks(default):
+    """train: global < families.<f>.train < datasets.<d>.train < models.<m>.train; evaluate keys
+    of a dataset apply to the families that have them; params: family < model < sweep value."""
+    default["train"] = {"epochs": 5, "lr": 0.1, "batch_size": 64}
+    default["families"]["diffusion"]["train"] = {"epochs": 9, "batch_size": 256}
+    default["datasets"]["checkerboard"]["train"] = {"batch_size": 32}
+    default["models"]["ddpm-cosine"]["train"] = {"epochs": 11}
+    default["datasets"]["checkerboard"]["evaluate"] = {"iwae_examples": 7, "curve_points": 5}
+    config = validate_config(default)
+    cosine = resolve_run(config, "checkerboard", "ddpm-cosine", 0)
+    assert (cosine.train.epochs, cosine.train.batch_size, cosine.train.lr) == (11, 32, 0.1)
+    linear = resolve_run(config, "mnist5k", "ddpm-linear", 0)
+    assert (linear.train.epochs, linear.train.batch_size) == (config["datasets"]["mnist5k"]["train"]["epochs"], 256)
+    assert resolve_run(config, "digits", "vae", 0).train.epochs == 5
+    assert cosine.evaluate.curve_points == 5 and not hasattr(cosine.evaluate, "iwae_examples")
+    vae = resolve_run(config, "checkerboard", "vae", 0)
+    assert vae.evaluate.iwae_examples == 7 and not hasattr(vae.evaluate, "curve_points")
+    default["families"]["vae"]["params"]["beta"] = 3.0
+    default["models"]["beta_vae"]["params"] = {"latent_dim": 4}
+    swept = resolve_run(validate_config(default), "digits", "beta_vae-b0.25", 0)
+    assert (swept.params.beta, swept.params.latent_dim) == (0.25, 4)
+    assert resolve_run(validate_config(default), "digits", "vae", 0).params.beta == 3.0
+
+
+def test_defaults_of_the_settings_dataclasses_fill_what_a_config_leaves_out(default):
+    """A family block may be absent: every setting has its default in the family's module."""
+    from klbench.models import get_family
+    from klbench.settings import defaults_of
+
+    del default["families"]["bbb"]
+    run = resolve_run(validate_config(default), "digits", "bbb-gauss", 0)
+    assert run.params == get_family("bbb").config(**defaults_of(get_family("bbb").config))
+    assert run.train.lr == default["train"]["lr"]  # the family block held lr 0.01
+
+
+def test_a_sweep_records_its_value_and_names_are_never_parsed(default):
+    default["models"]["x-h32"] = {"family": "vae", "params": {"latent_dim": 3}}
+    default["run"] = [{"datasets": ["digits"], "models": ["x-h32", "beta_vae"]}]
+    config = validate_config(default)
+    plain = resolve_run(config, "digits", "x-h32", 0)
+    assert (plain.sweep, plain.variant_of) == ({}, "x-h32")
+    swept = resolve_run(config, "digits", "beta_vae-b2", 0)
+    assert (swept.sweep, swept.variant_of, swept.params.beta) == ({"beta": 2.0}, "beta_vae", 2.0)
+    assert swept.to_dict()["sweep"] == {"beta": 2.0}
+
+
+def test_schema_family_sections_are_generated_from_the_settings_dataclasses():
+    from klbench.config import config_schema
+    from klbench.models import FAMILIES
+    from klbench.settings import schema_of
+
+    schema = config_schema()
+    families = schema["properties"]["families"]["properties"]
+    assert set(families) == set(FAMILIES)
+    for name, family in FAMILIES.items():
+        assert families[name]["properties"]["params"]["properties"] == schema_of(family.config)["properties"]
+        assert families[name]["properties"]["evaluate"]["properties"] == schema_of(family.evaluate)["properties"]
+        for field, spec in schema_of(family.config)["properties"].items():
+            assert spec.get("description"), f"{name}.{field} has no description"
+    assert schema["properties"]["models"]["additionalProperties"]["properties"]["family"]["enum"] == list(FAMILIES)
+
+
 def test_run_config_round_trips_and_hash_ignores_where_it_is_tracked(default):
     config = validate_config(default)
     run = resolve_run(config, "checkerboard", "beta_vae-b2", 2)
@@ -79,7 +141,14 @@ def test_seeds_given_as_strings_on_the_command_line_are_integers(default):
         (lambda c: c["train"].update(epochs=-1), "config key 'train.epochs'"),
         (lambda c: c["train"].update(epochs="ten"), "config key 'train.epochs'"),
         (lambda c: c["train"].update(lr=0), "config key 'train.lr'"),
-        (lambda c: c["train"].pop("batch_size"), "batch_size"),
+        (lambda c: c["train"].update(batch_size=0), "config key 'train.batch_size': 0 is less than the minimum of 1"),
+        (lambda c: c["families"]["diffusion"]["train"].update(lr=-1), "config key 'families.diffusion.train.lr'"),
+        (lambda c: c["families"]["vae"]["params"].update(latnt_dim=3),
+         "unknown config key 'families.vae.params.latnt_dim'"),
+        (lambda c: c["families"].update(gan={}), "unknown config key 'families.gan'"),
+        (lambda c: c["datasets"]["mnist5k"].update(evaluate={"iwae_exampels": 3}),
+         "unknown config key 'datasets.mnist5k.evaluate.iwae_exampels'"),
+        (lambda c: c["evaluate"].update(iwae_k=[1, 64]), "unknown config key 'evaluate.iwae_k'; allowed here: samples"),
         (lambda c: c["models"]["vae"].update(params={"beta": -1.0}), "config key 'models.vae.params.beta'"),
         (lambda c: c["models"]["vae"].update(params={"bta": 2.0}), "unknown config key 'models.vae.params.bta'"),
         (lambda c: c["models"]["vae"].update(family="gan"), "config key 'models.vae.family'"),
@@ -90,9 +159,11 @@ def test_seeds_given_as_strings_on_the_command_line_are_integers(default):
         (lambda c: c.update(seeds=["a"]), "config key 'seeds.0'"),
         (lambda c: c.update(seeds=[0.5]), "config key 'seeds.0'"),
         (lambda c: c.update(seeds=[]), "config key 'seeds'"),
-        (lambda c: c["evaluate"].update(iwae_k=[1, 3, 64]), "every iwae_k must divide the largest"),
-        (lambda c: c["evaluate"].update(iwae_k=[1, 10000]), "config key 'evaluate.iwae_k.1'"),
-        (lambda c: c["models"]["beta_vae"].update(sweep={"beta": [0.5, -2.0]}), "beta must be > 0"),
+        (lambda c: c["families"]["vae"]["evaluate"].update(iwae_k=[1, 3, 64]), "every iwae_k must divide the largest"),
+        (lambda c: c["families"]["vae"]["evaluate"].update(iwae_k=[1, 10000]),
+         "config key 'families.vae.evaluate.iwae_k.1'"),
+        (lambda c: c["models"]["beta_vae"].update(sweep={"beta": [0.5, -2.0]}),
+         "config key 'models.beta_vae-b-2.params.beta': -2.0 is less than or equal to the minimum of 0"),
         (lambda c: c.update(device="tpu"), "config key 'device'"),
     ],
 )
@@ -116,3 +187,15 @@ def test_unreadable_and_invalid_yaml_files(tmp_path):
     scalar.write_text("42\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config([scalar])
+
+
+def test_config_readme_shows_every_setting_as_the_code_declares_it(repo):
+    """config/README.md's tables are `klbench settings`' output: defaults, limits and meaning
+    come from one declaration, and the page cannot drift from it."""
+    from klbench.config import EvalConfig, TrainConfig
+    from klbench.models import FAMILIES
+    from klbench.settings import settings_table
+
+    readme = (repo / "config" / "README.md").read_text()
+    for cls in [TrainConfig, EvalConfig] + [c for f in FAMILIES.values() for c in (f.config, f.evaluate)]:
+        assert settings_table(cls) in readme, f"config/README.md lacks the current table of {cls.__qualname__}"

@@ -1,4 +1,4 @@
-"""Command line: `klbench train | evaluate | verify | aggregate | plot | summary-run | grid | schema | init-tracking`.
+"""Command line: `klbench train | evaluate | verify | aggregate | plot | summary-run | grid | schema | settings | init-tracking`.
 
 User errors (KlbenchError) end in one line on stderr and exit code 2; the traceback is
 kept for bugs only.
@@ -151,6 +151,17 @@ def cmd_schema(args: argparse.Namespace) -> None:
     print(yaml.safe_dump(config_schema(), sort_keys=False, width=100), end="")
 
 
+def cmd_settings(args: argparse.Namespace) -> None:
+    from klbench.config import EvalConfig, TrainConfig
+    from klbench.models import FAMILIES
+    from klbench.settings import settings_table
+
+    sections = [("train", TrainConfig), ("evaluate", EvalConfig)]
+    for name, family in FAMILIES.items():
+        sections += [(f"families.{name}.params", family.config), (f"families.{name}.evaluate", family.evaluate)]
+    print("\n".join(f"`{where}`:\n\n{settings_table(cls)}" for where, cls in sections), end="")
+
+
 def cmd_init_tracking(args: argparse.Namespace) -> None:
     from klbench.tracking import init_store, resolve_tracking_uri
 
@@ -211,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = commands.add_parser("schema", help="print the whole config schema (family sections included) as YAML")
     schema.set_defaults(func=cmd_schema)
+
+    settings = commands.add_parser("settings", help="print every setting with its default and limits (Markdown)")
+    settings.set_defaults(func=cmd_settings)
 
     init = commands.add_parser("init-tracking", help="create the MLflow store and experiments before parallel jobs")
     init.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")

@@ -35,10 +35,11 @@ SYMBOLS = {"beta": "β"}  # how a swept parameter is written in labels
 
 # --- shared helpers ---------------------------------------------------------------------
 
-def with_model_order(summary: pd.DataFrame) -> pd.DataFrame:
-    """The summary with an `order` column: models by family (in order of first appearance),
-    then by the `models` entry they come from, then by swept value (numeric order)."""
-    families = list(dict.fromkeys(summary["family"]))
+def with_model_order(summary: pd.DataFrame, families: list[str]) -> pd.DataFrame:
+    """The summary with an `order` column: models by family (in the order given, then any
+    other in order of appearance), then by the `models` entry they come from, then by swept
+    value (numeric order)."""
+    families = list(dict.fromkeys([*families, *summary["family"]]))
     value = pd.to_numeric(summary.get("sweep_value"), errors="coerce") if "sweep_value" in summary else np.nan
     keys = summary.assign(_family=summary["family"].map(families.index), _value=value)
     keys = keys.drop_duplicates("model").sort_values(["_family", "variant_of", "_value", "model"],
@@ -152,24 +153,28 @@ def _terms(summary: pd.DataFrame) -> list[str]:
 
 # --- 1. a plane of two ledger terms (rate-distortion, information plane) ------------------
 
-def _sweeps(runs: pd.DataFrame, runs_dir: Path | None, param: str) -> dict[str, float]:
-    """model -> value of `param` for the models of a sweep over it: the variants whose
-    ledgers record a sweep of `param` and, where config.json shows it, every model with the
-    same parameters but that one (e.g. a VAE at beta 1 beside its beta sweep)."""
+def _sweeps(runs: pd.DataFrame, runs_dir: Path | None, param: str) -> list[dict[str, float]]:
+    """The sweeps over `param`, each {model: value}: the variants whose ledgers record a sweep
+    of `param` from one `models` entry and, where config.json shows it, every model with the
+    same parameters but that one (e.g. a VAE at beta 1 beside its beta sweep). Names are
+    never read."""
     first = runs.drop_duplicates("model")
-    swept = {row["model"]: float(row["sweep_value"]) for _, row in first.iterrows()
-             if row.get("sweep_param") == param}
+    swept = first[first["sweep_param"] == param] if "sweep_param" in first else first.iloc[:0]
     params = {}
     if runs_dir is not None:
         for _, row in first.iterrows():
             path = _run_dir(runs_dir, row) / "config.json"
             if path.exists():
                 params[row["model"]] = json.loads(path.read_text()).get("params", {})
-    if not swept or not params:
-        return swept
     rest = lambda p: json.dumps({k: v for k, v in p.items() if k != param}, sort_keys=True)  # noqa: E731
-    same = {rest(params[m]) for m in swept if m in params}
-    return {**swept, **{m: float(p[param]) for m, p in params.items() if param in p and rest(p) in same}}
+    sweeps = []
+    for _, members in swept.groupby("variant_of", sort=False):
+        sweep = {row["model"]: float(row["sweep_value"]) for _, row in members.iterrows()}
+        same = {rest(params[m]) for m in sweep if m in params}
+        sweep.update({m: float(p[param]) for m, p in params.items()
+                      if m not in swept["model"].values and param in p and rest(p) in same})
+        sweeps.append(sweep)
+    return sweeps
 
 
 def _merge_close(points: pd.DataFrame, labels: list, within: float = 0.03) -> list[tuple[tuple, list]]:
@@ -199,9 +204,10 @@ def plane(summary: pd.DataFrame, stem: Path, runs_dir: Path | None, options: dic
     colours = palette
     datasets = list(summary["dataset"].unique())
     plt, fig, axes = _panels(len(datasets), 3, (5.4, 5.0))
-    has_h = has_i = has_ceiling = False
+    has_h = has_i = has_ceiling = has_sweep = False
     annotate = options.get("annotate")
-    extra = [c for c in ["mutual_info", annotate] if c and c in summary and options.get("mutual_info", c == annotate)]
+    extra = [c for c in (["mutual_info"] if options.get("mutual_info") else []) + ([annotate] if annotate else [])
+             if c in summary]
     for ax, dataset in zip(axes, datasets):
         runs = summary[summary["dataset"] == dataset]
         means = runs.groupby("model")[[x, y] + extra].mean()
@@ -222,9 +228,11 @@ def plane(summary: pd.DataFrame, stem: Path, runs_dir: Path | None, options: dic
             has_ceiling = True  # the estimate of I cannot exceed log N: near it, I is a lower bound
             ax.axvline(ceiling, color="0.5", ls="-.", lw=1)
         param = options.get("sweep")
-        sweep = _sweeps(runs, runs_dir, param) if param else {}
         symbol = SYMBOLS.get(param, param)
-        if len(sweep) > 1:
+        for sweep in _sweeps(runs, runs_dir, param) if param else []:
+            if len(sweep) < 2:
+                continue
+            has_sweep = True
             order = sorted(sweep, key=sweep.get)
             points = means.loc[order, [x, y]]
             ax.plot(points[x], points[y], color="0.4", lw=1, zorder=2)
@@ -245,7 +253,7 @@ def plane(summary: pd.DataFrame, stem: Path, runs_dir: Path | None, options: dic
         ax.set_xlabel(f"{options.get('x_label', x)}  ({NATS})")
         ax.set_ylabel(f"{options.get('y_label', y)}\n({NATS})")
     handles = [_handle(plt, colours[m], m, ls="") for m in _models(summary)]
-    if param:
+    if has_sweep:
         handles.append(_handle(plt, "0.4", f"{symbol} sweep ({symbol} = weight of {x} in training)", marker=""))
     if has_h:
         handles.append(_handle(plt, "k", "R + D = H (shaded: infeasible, −ELBO < H)", marker="", ls="--"))
@@ -254,9 +262,9 @@ def plane(summary: pd.DataFrame, stem: Path, runs_dir: Path | None, options: dic
                                marker="x", ls=""))
     if has_ceiling:
         handles.append(_handle(plt, "0.5", "log N: ceiling of the I estimate (N test examples)", marker="", ls="-."))
-    _save(plt, fig, stem, options.get("title", f"{x} against {y} (test set)"), handles, ncol=4)
+    _save(plt, fig, stem, options.get("title", f"{x} against {y} (test set)"), handles, ncol=3)
     caption = (f"{x} against {y} on held-out data, one panel per dataset: large dots are means over seeds, small "
-               f"dots single seeds" + (f", and the grey line traces the {symbol} sweep" if param else "")
+               f"dots single seeds" + (f", and the grey line traces the {symbol} sweep" if has_sweep else "")
                + f"; points further down-left have a smaller {x} + {y}.")
     if annotate:
         caption += f" Each mean is labelled with its {annotate}."
@@ -354,7 +362,7 @@ def bound_vs_k(summary: pd.DataFrame, stem: Path, runs_dir: Path, options: dict[
     prefix = options["column"] + "."
     columns = {int(c[len(prefix):]): c for c in summary.columns
                if c.startswith(prefix) and c[len(prefix):].isdigit() and summary[c].notna().any()}
-    if len(columns) < 2:
+    if not columns:
         return {}
     ks = sorted(columns)
     runs = summary.dropna(subset=[columns[k] for k in ks], how="all")
@@ -588,6 +596,9 @@ def plan_figures(pairs: list[tuple[str, Family]]) -> list[PlannedFigure]:
                 raise ValueError(f"family {name}: figure {figure.name} has unknown kind {figure.kind!r}; "
                                  f"kinds: {', '.join(FIGURE_KINDS)}")
             shared = declared.get(figure.name)
+            if shared and (shared.kind, shared.options) != (figure.kind, dict(figure.options)):
+                raise ValueError(f"families {', '.join(shared.families)} and {name} declare figure {figure.name} "
+                                 "differently; give one of them another name")
             members = (shared.families if shared else ()) + (name,)
             declared[figure.name] = PlannedFigure(figure.name, figure.kind, members, options=dict(figure.options),
                                                   category=" and ".join(members))
@@ -603,7 +614,7 @@ def plan_figures(pairs: list[tuple[str, Family]]) -> list[PlannedFigure]:
 def write_all(summary: pd.DataFrame, runs_dir: Path, out_dir: Path, plan: list[PlannedFigure]) -> dict[str, str]:
     """Every planned figure into out_dir (PNG and PDF); returns file stem -> caption."""
     out_dir, runs_dir = Path(out_dir), Path(runs_dir)
-    summary = with_model_order(summary)
+    summary = with_model_order(summary, [name for figure in plan for name in figure.families])
     palette = _palette(summary)
     written: dict[Path, str] = {}
     for figure in plan:

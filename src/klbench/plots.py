@@ -168,8 +168,8 @@ def predicted_vs_true_figure(
 def loss_curve_figure(
     grid: np.ndarray, loss: np.ndarray, grid_label: str, loss_label: str, summary: str, title: str, path: Path
 ) -> None:
-    """A diffusion model's loss on its fixed grid (per timestep or per unit log-SNR); the y axis
-    is logarithmic when the loss spans more than two decades."""
+    """A loss on a fixed grid (e.g. per timestep or per unit log-SNR of a noising process); the
+    y axis is logarithmic when the loss spans more than two decades."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ax.plot(grid, loss, marker="o", ms=3, lw=1.5, color="C0")

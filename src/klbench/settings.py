@@ -10,6 +10,7 @@ they are the only checks written by hand, and the schema does not repeat them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Mapping
@@ -123,3 +124,35 @@ def build_settings(cls: type, values: Mapping[str, Any], where: str) -> Any:
         return cls(**values)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{where}: {error}") from None
+
+
+def _limits_text(schema: Mapping[str, Any]) -> str:
+    """A schema's type and limits in words: 'int >= 1', 'number in (0, 1)', 'list of int >= 1'."""
+    if "enum" in schema:
+        return " / ".join(f"`{v}`" for v in schema["enum"])
+    if "anyOf" in schema:
+        return _limits_text(schema["anyOf"][0]) + " or null"
+    names = {"integer": "int", "number": "number", "boolean": "bool", "string": "string"}
+    if schema.get("type") == "array":
+        text = "list of " + _limits_text(schema.get("items", {}))
+        return text + (f", >= {schema['minItems']} items" if schema.get("minItems") else "")
+    text = names.get(schema.get("type"), "value")
+    low = [f"{'>' if key == 'exclusiveMinimum' else '>='} {schema[key]:g}" for key in ("minimum", "exclusiveMinimum")
+           if key in schema]
+    high = [f"{'<' if key == 'exclusiveMaximum' else '<='} {schema[key]:g}" for key in ("maximum", "exclusiveMaximum")
+            if key in schema]
+    parts = low + high + ([f"multiple of {schema['multipleOf']:g}"] if "multipleOf" in schema else [])
+    return text + (" " + ", ".join(parts) if parts else "")
+
+
+def settings_table(cls: type) -> str:
+    """The Markdown table of a settings dataclass (key, type and limits, default, meaning), as
+    config/README.md shows it; generated, so the docs say what the code does."""
+    schema = schema_of(cls)["properties"]
+    defaults = defaults_of(cls)
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for name, spec in schema.items():
+        default = defaults.get(name)
+        shown = json.dumps(list(default) if isinstance(default, tuple) else default)
+        rows.append(f"| `{name}` | {_limits_text(spec)} | `{shown}` | {spec['description'].replace('|', chr(92) + '|')} |")
+    return "\n".join(rows) + "\n"

@@ -62,6 +62,7 @@ from torch.nn import functional as F
 from klbench.classifier import ClassifierEvalConfig, classifier_diagnostics, reliability_run_figure
 from klbench.kl import kl_normal_normal, log_normal_diag, monte_carlo_kl
 from klbench.models.family import Diagnostics, Family, Rank
+from klbench.models.inputs import input_scaling
 from klbench.plots import predicted_vs_true_figure, predictive_band_figure
 from klbench.settings import setting
 
@@ -292,11 +293,7 @@ def build(config: Config, dataset: Dataset) -> BayesMLP:
         raise ValueError(f"BBB needs real or class targets; dataset {dataset.name} has {dataset.target}")
     regression = dataset.target == "real"
     n_out = 1 if regression else int(dataset.y_train.max()) + 1
-    shift, scale = torch.zeros(dataset.dim), torch.ones(dataset.dim)
-    if dataset.kind == "continuous":
-        shift, scale = dataset.x_train.mean(0), 1 / dataset.x_train.std(0).clamp_min(1e-8)
-    elif dataset.kind == "discrete":
-        scale = scale / (dataset.levels - 1)
+    shift, scale = input_scaling(dataset)
     return BayesMLP(config, n_out, len(dataset.x_train), regression, shift, scale)
 
 
