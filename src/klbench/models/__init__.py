@@ -5,10 +5,10 @@ declares and what its model provides); adding a family is its module plus one li
 """
 
 from klbench.errors import ConfigError
-from klbench.models import bbb, diffusion, vae, vib
+from klbench.models import bbb, diffusion, m2, vae, vib
 from klbench.models.family import Family
 
-FAMILIES: dict[str, Family] = {module.FAMILY.name: module.FAMILY for module in (vae, diffusion, bbb, vib)}
+FAMILIES: dict[str, Family] = {module.FAMILY.name: module.FAMILY for module in (vae, diffusion, bbb, vib, m2)}
 
 
 def get_family(name: str) -> Family:
