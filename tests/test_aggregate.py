@@ -253,7 +253,7 @@ def test_table_metrics_are_the_families_terms_derived_then_headline(mixed):
 
 def test_write_tables_writes_csv_and_markdown(runs, tmp_path):
     paths = write_tables(runs, tmp_path / "tables", {"vae": "vae"})
-    assert set(paths) == {"ledger", "paired", "ranking", "cross_family"}
+    assert set(paths) == {"ledger", "paired", "ranking", "cross_family", "timing"}
     for name, path in paths.items():
         assert path.exists() and path.with_suffix(".md").read_text().strip()
     markdown = (tmp_path / "tables" / "ledger.md").read_text()

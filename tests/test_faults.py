@@ -26,7 +26,8 @@ TWO_RUNS = {
     "datasets": {"checkerboard": {"options": {"n_train": 1000, "n_test": 300}}},
     "models": {"boom": {"family": "vae", "train": {"lr": 1.0e12}}},
     "train": {"epochs": 2},
-    "evaluate": {"samples": 2, "iwae_k": [1, 8], "iwae_examples": 100},
+    "evaluate": {"samples": 2},
+    "families": {"vae": {"evaluate": {"iwae_k": [1, 8], "iwae_examples": 100}}},
 }
 
 

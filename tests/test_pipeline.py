@@ -225,10 +225,14 @@ def test_figures_tables_and_the_mlflow_summary_run_come_out_of_the_pipeline(smok
     for dataset, model, _ in run_grid(config):
         family = families_of(config)[model]
         assert (results / "figures" / "runs" / family / dataset / f"{model}.png").stat().st_size > 5_000
-    for table in ("ledger", "paired", "ranking", "cross_family"):
+    for table in ("ledger", "paired", "ranking", "cross_family", "timing"):
         assert (results / "tables" / f"{table}.csv").exists() and (results / "tables" / f"{table}.md").exists()
     ledger_stats = pd.read_csv(results / "tables" / "ledger.csv")
     assert set(ledger_stats["n_seeds"]) == {len(config["seeds"])}
+    timing = pd.read_csv(results / "tables" / "timing.csv").set_index("phase")
+    summary = pd.read_csv(results / "tables" / "summary.csv")
+    assert timing.at["total", "cpu_s"] == pytest.approx(summary["timing.cpu.total_s"].sum())
+    assert timing.loc[["startup", "data", "store_open", "train", "eval", "logging", "other"], "share"].sum() == pytest.approx(1)
     paired = pd.read_csv(results / "tables" / "paired.csv")
     assert set(paired["baseline"]) <= set(config["baselines"].values()) and len(paired)
     where = json.loads((results / "mlflow_summary.json").read_text())

@@ -42,9 +42,28 @@ def ledger_row(ledger: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_timing(ledger_path: Path) -> dict[str, float]:
-    """timing.json beside a ledger (wall-clock seconds), or nothing if it is absent."""
+    """timing.json beside a ledger (wall and CPU seconds per phase), or nothing if it is absent."""
     path = Path(ledger_path).with_name("timing.json")
-    return {f"timing.{k}": v for k, v in read_ledger(path).items()} if path.exists() else {}
+    return {f"timing.{k}": v for k, v in flatten(read_ledger(path))} if path.exists() else {}
+
+
+def timing_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """CPU seconds per phase (klbench.timing.PHASES) summed over the runs of a pipeline, with
+    each phase's share, and the fixed cost: the share of CPU that is not training or evaluation."""
+    from klbench.timing import PHASES, WORK
+
+    columns = {name: f"timing.cpu.{name}_s" for name in PHASES}
+    if not set(columns.values()) <= set(summary.columns):
+        return pd.DataFrame(columns=["phase", "cpu_s", "share", "per_run_median_s"])
+    total = summary["timing.cpu.total_s"].sum()
+    rows = [{"phase": name, "cpu_s": summary[column].sum(), "share": summary[column].sum() / total,
+             "per_run_median_s": summary[column].median()} for name, column in columns.items()]
+    fixed = sum(r["cpu_s"] for r in rows if r["phase"] not in WORK)
+    rows.append({"phase": "fixed cost (all but train and eval)", "cpu_s": fixed, "share": fixed / total,
+                 "per_run_median_s": float("nan")})
+    rows.append({"phase": "total", "cpu_s": total, "share": 1.0,
+                 "per_run_median_s": summary["timing.cpu.total_s"].median()})
+    return pd.DataFrame(rows)
 
 
 def summary_table(ledger_paths: list[Path]) -> pd.DataFrame:
@@ -222,6 +241,7 @@ def write_tables(summary: pd.DataFrame, out_dir: Path, baselines: dict[str, str]
         "paired": (paired := paired_comparisons(summary, baselines), paired.to_markdown(index=False, floatfmt=".4g")),
         "ranking": (ranked := ranking(stats, ranks), ranked.to_markdown(index=False, floatfmt=".4g")),
         "cross_family": (cross := cross_family(stats, ranks), cross.to_markdown(index=False, floatfmt=".4g")),
+        "timing": (timing := timing_table(summary), timing.to_markdown(index=False, floatfmt=".3g")),
     }
     paths = {}
     for name, (table, markdown) in tables.items():

@@ -4,8 +4,8 @@ rule summary:
     output:
         summary=RESULTS + "/tables/summary.csv",
         tables=[report(f"{RESULTS}/tables/{name}.csv", caption="../report/tables.rst", category="tables")
-                for name in ("ledger", "paired", "ranking", "cross_family")],
-        markdown=multiext(RESULTS + "/tables/", "ledger.md", "paired.md", "ranking.md", "cross_family.md"),
+                for name in ("ledger", "paired", "ranking", "cross_family", "timing")],
+        markdown=multiext(RESULTS + "/tables/", "ledger.md", "paired.md", "ranking.md", "cross_family.md", "timing.md"),
     params:
         baselines=" ".join(f"--baseline {f}={m}" for f, m in BENCH["baselines"].items()),
     log:
