@@ -94,8 +94,9 @@ def check_vae_ledger(run, dataset, terms, derived, diagnostics):
     iwae = [diagnostics["iwae_nll"][str(k)] for k in run.evaluate.iwae_k]
     assert iwae == sorted(iwae, reverse=True)  # -L_k decreases with k
     assert iwae[-1] <= derived["neg_elbo"] + 0.05
-    # I(X;Z) <= R: the Monte Carlo estimate of the rate bounds the mutual information
-    assert 0 <= diagnostics["mutual_info"] <= diagnostics["rate_mc"] + 1e-6
+    # I(X;Z) <= R in expectation (the marginal KL >= 0); the one-draw estimates agree up to MC noise
+    assert -0.01 <= diagnostics["mutual_info"] <= diagnostics["rate_mc"] + 0.05
+    assert diagnostics["mutual_info"] <= diagnostics["mutual_info_max"] + 1e-9
     if dataset == "checkerboard":
         assert derived["data_entropy_true"] == pytest.approx(math.log(8))
         assert derived["kl_total"] > 0
