@@ -19,6 +19,7 @@ from klbench.errors import ConfigError
 from klbench.models import bbb, get_family
 from klbench.models.bbb import BayesLinear, Config, GaussianPrior, MixturePrior, kl_weight
 from klbench.settings import build_settings
+from klbench.seeds import OneSeed
 from klbench.train import fit, held_out_ledger, seed_everything
 
 BBB_BLOCKS = yaml.safe_load("""
@@ -245,7 +246,7 @@ def test_ece_of_calibrated_predictions_is_zero_and_bins_are_closed_above():
 def test_the_predictive_band_widens_outside_the_training_range(toy, tmp_path):
     seed_everything(0)
     model = bbb.build(make_config(hidden=[32, 32]), toy)
-    fit(model, (toy.x_train, toy.y_train), (toy.x_test, toy.y_test),
+    fit(OneSeed(model, seed=0), (toy.x_train, toy.y_train), (toy.x_test, toy.y_test),
         TrainConfig(epochs=60, batch_size=64, lr=0.01, eval_every=60), progress=False)
     with torch.no_grad():
         sd_in = model(toy.x_test, 64)[..., 0].std(0)

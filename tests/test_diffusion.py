@@ -25,6 +25,7 @@ from klbench.models.diffusion import (
     linear_betas,
     posterior,
 )
+from klbench.seeds import OneSeed
 from klbench.train import fit, held_out_ledger, seed_everything
 
 BETAS = {"linear": linear_betas, "cosine": cosine_betas}
@@ -358,7 +359,7 @@ def test_learned_schedule_stays_monotone_in_training_and_its_shape_gets_the_vari
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
 
     seed_everything(0)
-    fit(model, (x,), (x[:64],), TrainConfig(epochs=10, batch_size=64, lr=0.05, eval_every=10), progress=False)
+    fit(OneSeed(model, seed=0), (x,), (x[:64],), TrainConfig(epochs=10, batch_size=64, lr=0.05, eval_every=10), progress=False)
     assert_monotone(model.schedule)
 
 
@@ -380,7 +381,7 @@ def test_ledger_terms_are_finite_sum_to_neg_elbo_and_kls_are_nonnegative(variant
     torch.manual_seed(0)
     model = make_model(x, kind, levels, **VARIANTS[variant])
     seed_everything(0)
-    fit(model, (x,), (x[:100],), TrainConfig(epochs=2, batch_size=100, lr=3e-3, eval_every=2), progress=False)
+    fit(OneSeed(model, seed=0), (x,), (x[:100],), TrainConfig(epochs=2, batch_size=100, lr=3e-3, eval_every=2), progress=False)
     ledger = held_out_ledger(model, (x,), samples=4)
     assert set(ledger.terms) == {"prior", "diffusion", "reconstruction"}
     for value in ledger.terms.values():
@@ -415,7 +416,7 @@ def test_training_lowers_the_held_out_bound_below_the_gaussian_fit(variant):
     model = make_model(x[:1000], hidden=[64, 64], **VARIANTS[variant])
     seed_everything(0)
     before = held_out_ledger(model, (x[1000:],), samples=16).means()["neg_elbo"]
-    fit(model, (x[:1000],), (x[1000:],), TrainConfig(epochs=15, batch_size=100, lr=1e-2, eval_every=15), progress=False)
+    fit(OneSeed(model, seed=0), (x[:1000],), (x[1000:],), TrainConfig(epochs=15, batch_size=100, lr=1e-2, eval_every=15), progress=False)
     seed_everything(0)
     after = held_out_ledger(model, (x[1000:],), samples=16).means()["neg_elbo"]
     assert after < before - 1.0

@@ -41,6 +41,8 @@ class TrainConfig:
     batch_size: int = setting(128, "Examples per gradient step.", minimum=1)
     lr: float = setting(1e-3, "Adam learning rate.", exclusiveMinimum=0)
     eval_every: int = setting(1, "Held-out ledger every n epochs (and after the last).", minimum=1)
+    stack_seeds: bool = setting(True, "Train the seeds of one job as one stacked model (torch.func.vmap, each "
+                                "seed's noise from its own generator); false: one after another.")
 
 
 @dataclass(frozen=True)

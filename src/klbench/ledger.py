@@ -45,31 +45,34 @@ class Ledger:
 
 
 class RunningMeans:
-    """Accumulates term sums on the device without a host sync per batch.
+    """Accumulates term sums on the device without a host sync per batch, per seed.
 
-    One `.item()` per batch costs a synchronisation (and on CPU a Python round trip per
-    term); summing into a tensor and reading it once per epoch keeps the loop as fast as
-    a bare PyTorch loop.
+    Terms arrive with a leading seed axis, (S, B). One `.item()` per batch costs a
+    synchronisation (and on CPU a Python round trip per term); summing into a tensor and
+    reading it once per epoch keeps the loop as fast as a bare PyTorch loop.
     """
 
     def __init__(self) -> None:
         self._names: tuple[str, ...] = ()
-        self._sums: Tensor | None = None  # (n_terms,), in the order of _names
+        self._sums: Tensor | None = None  # (n_terms, S), in the order of _names
         self._count = 0
 
     def add(self, terms: dict[str, Tensor]) -> None:
         # one stack, one reduction and one in-place add per batch, whatever the number of terms
-        batch_sums = torch.stack(list(terms.values())).detach().sum(1)  # (n_terms,)
+        batch_sums = torch.stack(list(terms.values())).detach().sum(-1)  # (n_terms, S)
         if self._sums is None:
             self._names, self._sums = tuple(terms), batch_sums
         else:
             self._sums += batch_sums
-        self._count += next(iter(terms.values())).shape[0]
+        self._count += next(iter(terms.values())).shape[-1]
 
-    def means(self) -> dict[str, float]:
-        values = (self._sums.double() / self._count).tolist()
-        out = dict(zip(self._names, values))
-        out["neg_elbo"] = sum(values)
+    def means(self) -> list[dict[str, float]]:
+        """Per seed: the mean of every term over the examples seen, and their sum neg_elbo."""
+        out = []
+        for values in (self._sums.double() / self._count).T.tolist():
+            means = dict(zip(self._names, values))
+            means["neg_elbo"] = sum(values)
+            out.append(means)
         return out
 
 

@@ -150,13 +150,18 @@ class RunTracker:
             self.seconds += time.perf_counter() - start
             self.cpu_seconds += time.process_time() - cpu
 
-    def start(self) -> None:
-        opened, cpu = time.perf_counter(), time.process_time()
-        try:
-            self.client, (self.experiment_id,) = open_store(self.uri, [self.experiment])
-        finally:
-            self.open_seconds = time.perf_counter() - opened
-            self.open_cpu_seconds = time.process_time() - cpu
+    def start(self, store: "RunTracker | None" = None) -> None:
+        """Create the run; reach the store first, or use the open store of another tracker of
+        the same experiment (the runs of one job share one client)."""
+        if store is not None and store.uri == self.uri and store.experiment == self.experiment:
+            self.client, self.experiment_id = store.client, store.experiment_id
+        else:
+            opened, cpu = time.perf_counter(), time.process_time()
+            try:
+                self.client, (self.experiment_id,) = open_store(self.uri, [self.experiment])
+            finally:
+                self.open_seconds = time.perf_counter() - opened
+                self.open_cpu_seconds = time.process_time() - cpu
         self._timed(self._start)
 
     def _start(self) -> None:

@@ -15,6 +15,12 @@ terms being per-example tensors (B,) in nats, unweighted, named as `Family.terms
 batch_index of num_batches is the batch's position in the epoch (for minibatch KL weighting).
 A batch is what `inputs(dataset, split, config)` returns, row-sliced: (x,) by default, (x, y)
 for a family that needs targets.
+
+The seeds of a job train as one stacked model under torch.func.vmap (seeds.py) when
+train.stack_seeds is on. For that, loss and ledger_terms draw their noise only with
+torch.randn/rand(_like) and take no data-dependent branches on it. A model whose training step
+cannot run under vmap (it registers gradient hooks, say) sets the attribute `stackable = False`;
+its seeds then train one after another.
 """
 
 from __future__ import annotations

@@ -89,6 +89,8 @@ class VDM(Diffusion):
     def __init__(self, config: Config, x_train: Tensor, kind: str, levels: int | None):
         super().__init__(config, x_train, kind, levels)
         self.schedule = VDM_SCHEDULES[config.schedule](config.gamma_min, config.gamma_max)
+        # the learned schedule's gradient hooks (diffusion_term) do not run under torch.func.vmap
+        self.stackable = config.schedule == "fixed"
 
     def endpoints(self) -> tuple[Tensor, Tensor]:
         return self.schedule.endpoints()
