@@ -407,8 +407,9 @@ def test_ledger_terms_are_finite_sum_to_neg_elbo_and_kls_are_nonnegative(variant
 
 @pytest.mark.parametrize("variant", ["ddpm-linear", "vdm-learned"])
 def test_training_lowers_the_held_out_bound_below_the_gaussian_fit(variant):
-    """Two clusters at (+-1.5, 0): the untrained model is the Gaussian fit; 150 steps learn the
-    clusters and gain over a nat (the true entropy is 2 nats below the Gaussian fit's)."""
+    """Two clusters at (+-1.5, 0): the untrained model is the Gaussian fit; 400 steps learn the
+    clusters and gain over a nat (the true entropy is 2 nats below the Gaussian fit's). After
+    150 steps the gain still ranged from 0.3 to 1.2 nats over data seeds: too early to test."""
     g = torch.Generator().manual_seed(0)
     side = 2 * (torch.rand(1200, generator=g) > 0.5).float() - 1
     x = torch.stack([1.5 * side, torch.zeros(1200)], 1) + 0.1 * torch.randn(1200, 2, generator=g)
@@ -416,7 +417,8 @@ def test_training_lowers_the_held_out_bound_below_the_gaussian_fit(variant):
     model = make_model(x[:1000], hidden=[64, 64], **VARIANTS[variant])
     seed_everything(0)
     before = held_out_ledger(model, (x[1000:],), samples=16).means()["neg_elbo"]
-    fit(OneSeed(model, seed=0), (x[:1000],), (x[1000:],), TrainConfig(epochs=15, batch_size=100, lr=1e-2, eval_every=15), progress=False)
+    fit(OneSeed(model, seed=0), (x[:1000],), (x[1000:],), TrainConfig(epochs=40, batch_size=100, lr=1e-2, eval_every=40),
+        progress=False)
     seed_everything(0)
     after = held_out_ledger(model, (x[1000:],), samples=16).means()["neg_elbo"]
     assert after < before - 1.0

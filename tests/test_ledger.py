@@ -33,18 +33,24 @@ def test_ledger_rejects_mismatched_or_empty_terms():
 
 
 def test_cat_and_running_means_agree_with_full_ledger():
+    """Batch ledgers concatenate to the full one; running means over a leading seed axis (S, B)
+    equal each seed's full-ledger means."""
     g = torch.Generator().manual_seed(0)
-    full = {"prior": torch.rand(103, generator=g), "diffusion": torch.rand(103, generator=g)}
+    seeds = 3
+    full = {"prior": torch.rand(seeds, 103, generator=g), "diffusion": torch.rand(seeds, 103, generator=g)}
     parts, running = [], RunningMeans()
     for i in range(0, 103, 25):
-        batch = {k: v[i : i + 25] for k, v in full.items()}
-        parts.append(Ledger(batch))
+        batch = {k: v[:, i : i + 25] for k, v in full.items()}
+        parts.append(Ledger({k: v[0] for k, v in batch.items()}))
         running.add(batch)
-    expected = Ledger(full).means()
+    expected = Ledger({k: v[0] for k, v in full.items()}).means()
     for name, value in Ledger.cat(parts).means().items():
         assert value == pytest.approx(expected[name], rel=1e-6)
-    for name, value in running.means().items():
-        assert value == pytest.approx(expected[name], rel=1e-6)
+    per_seed = running.means()
+    assert len(per_seed) == seeds
+    for s, means in enumerate(per_seed):
+        for name, value in Ledger({k: v[s] for k, v in full.items()}).means().items():
+            assert means[name] == pytest.approx(value, rel=1e-6)
 
 
 def test_bits_per_dim():

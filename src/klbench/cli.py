@@ -13,7 +13,9 @@ from pathlib import Path
 from klbench.errors import CheckpointError, ConfigError, DataError, KlbenchError
 
 
-def _run_config(args: argparse.Namespace):
+def _run_configs(args: argparse.Namespace) -> list:
+    """The runs of one job: --spec (one run config as JSON, or a list of the seeds of one
+    job), or --config with --dataset, --model and one or more --seed."""
     from klbench.config import RunConfig, load_config, resolve_run, validate_config
 
     if args.spec:
@@ -21,23 +23,27 @@ def _run_config(args: argparse.Namespace):
             spec = json.loads(args.spec)
         except json.JSONDecodeError as error:
             raise ConfigError(f"--spec is not valid JSON: {error}") from None
-        return RunConfig.from_dict(spec)
-    if not (args.config and args.dataset and args.model and args.seed is not None):
+        return [RunConfig.from_dict(one) for one in (spec if isinstance(spec, list) else [spec])]
+    if not (args.config and args.dataset and args.model and args.seed):
         raise ConfigError("give --spec JSON, or --config FILE with --dataset, --model and --seed")
     # Any dataset/model/seed may be run by hand, in the grid or not; resolve_run checks the names.
-    return resolve_run(validate_config(load_config(args.config)), args.dataset, args.model, args.seed)
+    config = validate_config(load_config(args.config))
+    return [resolve_run(config, args.dataset, args.model, seed) for seed in args.seed]
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from klbench.run import execute_run
+    from dataclasses import replace
 
-    run = _run_config(args)
+    from klbench.run import execute_runs
+
+    runs = _run_configs(args)
     if args.threads:
-        from dataclasses import replace
-
-        run = replace(run, threads=args.threads)
-    out = Path(args.out) if args.out else Path("results/runs") / run.dataset / run.model / f"seed{run.seed}"
-    execute_run(run, out, progress=args.progress)
+        runs = [replace(run, threads=args.threads) for run in runs]
+    if args.out and len(args.out) != len(runs):
+        raise ConfigError(f"give one --out per run: {len(runs)} runs, {len(args.out)} --out")
+    outs = ([Path(out) for out in args.out] if args.out else
+            [Path("results/runs") / run.dataset / run.model / f"seed{run.seed}" for run in runs])
+    execute_runs(runs, outs, progress=args.progress)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -174,14 +180,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="klbench", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train, evaluate and track one run")
-    train.add_argument("--spec", help="the resolved run config as JSON (what the workflow passes)")
+    train = commands.add_parser("train", help="train, evaluate and track the seeds of one (dataset, model)")
+    train.add_argument("--spec", help="the resolved run config as JSON, or a list of them for several seeds "
+                                      "(what the workflow passes)")
     train.add_argument("--config", action="append", help="config YAML (repeat to merge, later wins)")
     train.add_argument("--dataset")
     train.add_argument("--model")
-    train.add_argument("--seed", type=int)
+    train.add_argument("--seed", type=int, action="append", help="a seed (repeat: several in one process)")
     train.add_argument("--threads", type=int, help="torch threads (default: the config's)")
-    train.add_argument("--out", help="run directory (default results/runs/{dataset}/{model}/seed{seed})")
+    train.add_argument("--out", action="append",
+                       help="run directory, one per run (default results/runs/{dataset}/{model}/seed{seed})")
     train.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="progress bar (default: when stderr is a terminal)")
     train.set_defaults(func=cmd_train)

@@ -41,8 +41,9 @@ class TrainConfig:
     batch_size: int = setting(128, "Examples per gradient step.", minimum=1)
     lr: float = setting(1e-3, "Adam learning rate.", exclusiveMinimum=0)
     eval_every: int = setting(1, "Held-out ledger every n epochs (and after the last).", minimum=1)
-    stack_seeds: bool = setting(True, "Train the seeds of one job as one stacked model (torch.func.vmap, each "
-                                "seed's noise from its own generator); false: one after another.")
+    stack_seeds: bool = setting(False, "Train the seeds of one job as one stacked model (torch.func.vmap, each "
+                                "seed's noise from its own generator) rather than one after another. The same "
+                                "results; on a CPU no faster for small MLPs (tests/benchmarks/bench_seeds.py).")
 
 
 @dataclass(frozen=True)
@@ -293,6 +294,17 @@ def run_grid(config: Mapping[str, Any]) -> list[tuple[str, str, int]]:
                 if get_family(variants[m]["family"]).supports(*PROFILES[d]):
                     grid.update({(d, m, s): None for s in config["seeds"]})
     return list(grid)
+
+
+def seed_blocks(seeds: list[int], per_job: int) -> list[tuple[int, ...]]:
+    """The seeds of each training job: those with the same seed // per_job, in order.
+
+    Blocks go by seed value, not position, so a new seed joins (and re-runs) only its own
+    block and every other job stays as it is."""
+    blocks: dict[int, list[int]] = {}
+    for seed in sorted(seeds):
+        blocks.setdefault(seed // per_job, []).append(seed)
+    return [tuple(block) for block in blocks.values()]
 
 
 def resolve_run(config: Mapping[str, Any], dataset: str, model: str, seed: int) -> RunConfig:

@@ -173,9 +173,11 @@ def execute_runs(
                                                       test_tensors, progress)))
             for i, model in zip(members, group.models()):
                 models[i] = model
+        # which seeds shared this process, and whether they trained stacked: what `verify` re-runs
+        job = {"job_seeds": [run.seed for run in runs], "stacked": isinstance(group, StackedSeeds)}
         for i, (run, output, tracker) in enumerate(zip(runs, outputs, trackers)):
             ledgers.append(evaluate_run(run, family, dataset, models[i], histories[i], output.staging, tracker,
-                                        provenance, clock, i))
+                                        {**provenance, **job}, clock, i))
         for i, (run, output, tracker) in enumerate(zip(runs, outputs, trackers)):
             # every file but timing.json is logged before it is written, so that it counts that
             # logging too; it is the only cost it leaves out, with closing the run

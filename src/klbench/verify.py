@@ -4,13 +4,14 @@
 temporary directory (tracked in a throwaway MLflow store there, so the real store gets no
 duplicate run) and compares the new ledger.json with the stored one, byte for byte and,
 where they differ, number by number. Wall-clock times live in timing.json and are not
-compared.
+compared. A run trained in one job with other seeds (ledger `run.job_seeds`) is re-run in
+that same job, all its seeds again, since that is what its stored ledger came from.
 """
 
 import json
 import math
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ class Verification:
 
 def verify_run(run_dir: Path) -> Verification:
     """Re-run the run stored in run_dir and compare its ledger.json with the stored one."""
-    from klbench.run import execute_run
+    from klbench.run import execute_runs
     from klbench.tracking import init_store
 
     run_dir = Path(run_dir)
@@ -70,6 +71,8 @@ def verify_run(run_dir: Path) -> Verification:
     with tempfile.TemporaryDirectory(prefix="klbench-verify-") as scratch:
         uri = f"sqlite:///{Path(scratch) / 'mlflow.db'}"
         init_store(uri, [run.family])
-        execute_run(run, Path(scratch) / "run", progress=False, tracking_uri=uri)
-        rerun_bytes = (Path(scratch) / "run" / "ledger.json").read_bytes()
+        seeds = stored.get("run", {}).get("job_seeds", [run.seed])
+        outs = [Path(scratch) / f"seed{seed}" for seed in seeds]
+        execute_runs([replace(run, seed=seed) for seed in seeds], outs, progress=False, tracking_uri=uri)
+        rerun_bytes = (Path(scratch) / f"seed{run.seed}" / "ledger.json").read_bytes()
     return Verification(rerun_bytes == stored_bytes, compare_ledgers(stored, json.loads(rerun_bytes)))

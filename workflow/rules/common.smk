@@ -2,9 +2,10 @@
 import json
 import sys
 
-from klbench.config import expand_models, resolve_run, run_grid, validate_config
+from klbench.config import expand_models, resolve_run, run_grid, seed_blocks, validate_config
 from klbench.errors import ConfigError
 from klbench.figures import plan_figures
+from klbench.run import RUN_FILES
 from klbench.models import get_family
 
 try:
@@ -17,6 +18,7 @@ RESULTS = BENCH["results_dir"]
 GRID = run_grid(BENCH)
 VARIANTS = expand_models(BENCH)
 RUN_DIR = RESULTS + "/runs/{dataset}/{model}/seed{seed}"
+SEED_BLOCKS = seed_blocks(BENCH["seeds"], BENCH["seeds_per_job"])
 # the comparison figures, as the families of the grid declare them (name, drawing, report category)
 FIGURES = plan_figures([(d, get_family(VARIANTS[m]["family"])) for d, m, _ in dict.fromkeys((d, m, 0) for d, m, _ in GRID)])
 # (family, dataset, model) of every trained pair: its first seed's figure goes into the report
@@ -30,10 +32,11 @@ wildcard_constraints:
     seed=r"\d+",
 
 
-def run_spec(wildcards):
-    """The resolved run config as JSON: a change to it re-runs just that run (params trigger)."""
-    run = resolve_run(BENCH, wildcards.dataset, wildcards.model, int(wildcards.seed))
-    return json.dumps(run.to_dict(), sort_keys=True, separators=(",", ":"))
+def run_specs(wildcards, block):
+    """The resolved run configs of a job's seeds as JSON: a change to them re-runs just that job
+    (params trigger)."""
+    runs = [resolve_run(BENCH, wildcards.dataset, wildcards.model, seed).to_dict() for seed in block]
+    return json.dumps(runs, sort_keys=True, separators=(",", ":"))
 
 
 def all_ledgers():

@@ -1,0 +1,96 @@
+"""Three seeds of one (dataset, model): vectorized in one process against three processes.
+
+Three ways to train seeds 0, 1, 2 of the default config's (dataset, model), each a real
+`klbench train` command with its own MLflow SQLite store:
+
+- processes:  three `klbench train` processes one after another (one seed each: what one
+              job per seed costs: interpreter, imports, store, data, training, evaluation);
+- one-by-one: one process, seeds trained one after another (train.stack_seeds false);
+- stacked:    one process, the seeds trained as one stacked model (train.stack_seeds true).
+
+Reported: wall seconds of each side, and the training seconds summed from the runs'
+timing.json, with the ratios processes / stacked (whole job) and one-by-one / stacked
+(training alone). The sides alternate within each repeat, so a ratio compares runs made
+under the same machine load; the median over repeats is the headline.
+
+    python tests/benchmarks/bench_seeds.py [--pairs checkerboard/vae ...] [--epochs N] [--repeats 3]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_PAIRS = ["checkerboard/vae", "eight_gaussians/vae", "checkerboard/ddpm-linear", "mnist5k/vae",
+                 "mnist5k/ddpm-linear"]
+SEEDS = (0, 1, 2)
+
+
+def train(folder: Path, dataset: str, model: str, seeds: tuple[int, ...], stack: bool, epochs: int | None) -> float:
+    """One `klbench train` process for these seeds; its wall seconds."""
+    override = folder / "override.yaml"
+    lines = [f"train: {{stack_seeds: {str(stack).lower()}}}"]
+    if epochs:  # the dataset's own epochs are more specific than `train`, so set them there
+        lines.append(f"datasets: {{{dataset}: {{train: {{epochs: {epochs}}}}}}}")
+    override.write_text("\n".join(lines) + "\n")
+    command = [sys.executable, "-m", "klbench.cli", "train", "--config", str(REPO / "config" / "config.yaml"),
+               "--config", str(override), "--dataset", dataset, "--model", model, "--no-progress"]
+    for seed in seeds:
+        command += ["--seed", str(seed), "--out", str(folder / f"seed{seed}")]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=folder, check=True, capture_output=True,
+                   env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"})
+    return time.perf_counter() - start
+
+
+def train_seconds(folder: Path) -> float:
+    return sum(json.loads((folder / f"seed{s}" / "timing.json").read_text())["wall"]["train_s"] for s in SEEDS)
+
+
+def measure(dataset: str, model: str, epochs: int | None, scratch: Path) -> dict[str, float]:
+    sides = {}
+    for name in ("processes", "one-by-one", "stacked"):
+        folder = scratch / name
+        folder.mkdir()
+        if name == "processes":
+            wall = sum(train(folder, dataset, model, (seed,), stack=False, epochs=epochs) for seed in SEEDS)
+        else:
+            wall = train(folder, dataset, model, SEEDS, stack=name == "stacked", epochs=epochs)
+        sides[name] = {"wall": wall, "train": train_seconds(folder)}
+    return {
+        "wall processes": sides["processes"]["wall"], "wall one-by-one": sides["one-by-one"]["wall"],
+        "wall stacked": sides["stacked"]["wall"],
+        "train one-by-one": sides["one-by-one"]["train"], "train stacked": sides["stacked"]["train"],
+        "job: processes / stacked": sides["processes"]["wall"] / sides["stacked"]["wall"],
+        "train: one-by-one / stacked": sides["one-by-one"]["train"] / sides["stacked"]["train"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", nargs="+", default=DEFAULT_PAIRS, help="dataset/model pairs of the default config")
+    parser.add_argument("--epochs", type=int, help="override the config's epochs (default: the config's)")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    print(f"3 seeds, {args.repeats} repeats, median (min-max); wall seconds of the whole job, training seconds "
+          "from timing.json")
+    for pair in args.pairs:
+        dataset, model = pair.split("/")
+        rows = []
+        for _ in range(args.repeats):
+            with tempfile.TemporaryDirectory() as scratch:
+                rows.append(measure(dataset, model, args.epochs, Path(scratch)))
+        print(f"\n{pair}")
+        for key in rows[0]:
+            values = [row[key] for row in rows]
+            print(f"  {key:30s} {statistics.median(values):8.2f}  ({min(values):.2f}-{max(values):.2f})")
+
+
+if __name__ == "__main__":
+    main()
