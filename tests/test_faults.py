@@ -52,9 +52,9 @@ def test_a_diverging_job_fails_alone_with_one_line_and_keep_going_finishes_the_r
     runs = tmp_path / "results" / "runs" / "checkerboard"
     assert (runs / "vae" / "seed0" / "ledger.json").exists()  # ... and the healthy job finished
     assert not list((runs / "boom" / "seed0").glob("*"))  # nothing half-written (a missing folder globs empty)
-    log = (tmp_path / "results" / "logs" / "train" / "checkerboard" / "boom" / "seed0.log").read_text()
+    log = (tmp_path / "results" / "logs" / "train" / "checkerboard" / "boom" / "seeds0.log").read_text()
     last = log.strip().splitlines()[-1]
-    assert last.startswith("klbench: error: training loss became NaN/inf in epoch 1; lower train.lr")
+    assert last.startswith("klbench: error: training loss became NaN/inf in epoch 1 (seed 0); lower train.lr")
     assert "Traceback" not in log
     tracked = mlflow_runs(tmp_path)
     assert [r.info.status for r in tracked["checkerboard/boom/seed0"]] == ["FAILED"]
@@ -92,7 +92,7 @@ def test_a_sigkilled_job_is_rerun_cleanly_and_its_stale_run_closed_as_killed(tmp
     config = write_config(tmp_path / "long.yaml", long)
     command, env = snakemake_command(tmp_path, config)
     run_dir = tmp_path / "results" / "runs" / "checkerboard" / "vae" / "seed0"
-    log = tmp_path / "results" / "logs" / "train" / "checkerboard" / "vae" / "seed0.log"
+    log = tmp_path / "results" / "logs" / "train" / "checkerboard" / "vae" / "seeds0.log"
     pipeline = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         pid = wait_for(lambda: training_job_pid(tmp_path, "results/runs/checkerboard/vae/seed0"), 120,

@@ -255,13 +255,14 @@ def test_the_report_holds_every_figure_and_table(smoke, tmp_path):
 
 
 def test_adding_a_seed_plans_only_the_new_runs_and_the_aggregates(smoke):
+    """A seed in a new block of seeds_per_job: one new job per pair, no existing job re-run."""
     repo, workdir, config, _ = smoke
-    new_seed = max(config["seeds"]) + 1
+    per_job = config["seeds_per_job"]
+    new_seed = (max(config["seeds"]) // per_job + 1) * per_job
     plan = snakemake(repo, workdir, "--dry-run", "--config", f"seeds=[{','.join(map(str, config['seeds']))},{new_seed}]")
     text = plan.stdout + plan.stderr
     pairs = {(d, m) for d, m, _ in run_grid(config)}
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", text, flags=re.MULTILINE))
-    assert int(counts["train"]) == len(pairs)  # one new run per dataset/model pair, nothing retrained
-    planned = [line for line in text.splitlines() if "wildcards: dataset=" in line and "seed=" in line]
-    assert len(planned) == len(pairs) and all(line.rstrip().endswith(f"seed={new_seed}") for line in planned)
+    assert int(counts[f"train_seeds_{new_seed}"]) == len(pairs)  # one new job per dataset/model pair ...
+    assert [rule for rule in counts if rule.startswith("train")] == [f"train_seeds_{new_seed}"]  # ... nothing retrained
     assert int(counts["summary"]) == 1 and int(counts["figures"]) == 1

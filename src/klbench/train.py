@@ -22,6 +22,7 @@ from torch import Tensor
 from klbench.config import TrainConfig
 from klbench.errors import TrainingError
 from klbench.ledger import RunningMeans
+from klbench.optim import Adam
 from klbench.seeds import OneSeed, StackedSeeds, held_out_ledger
 
 __all__ = ["fit", "held_out_ledger", "seed_everything"]
@@ -48,9 +49,8 @@ def fit(
     is called after each epoch with one entry per seed (the test entry only on evaluation
     epochs). Raises TrainingError, naming the seed, on a non-finite loss.
     """
-    # fused: one kernel per step for all parameters, not a dozen small ops per tensor
     seeds = group.seeds
-    optimizer = torch.optim.Adam(group.parameters(), lr=config.lr, fused=True)
+    optimizer = Adam(group.parameters(), lr=config.lr)  # fused: one kernel per step for all parameters
     n, device = train[0].shape[0], train[0].device
     if progress is None:
         progress = sys.stderr.isatty()
@@ -70,7 +70,7 @@ def fit(
         batches = group.permutations(n, device).split(config.batch_size, dim=1)
         for batch_index, rows in enumerate(batches):
             objective, terms = group.loss(group.rows(train, rows), batch_index=batch_index, num_batches=len(batches))
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             objective.sum().backward()
             optimizer.step()
             running.add(terms)
