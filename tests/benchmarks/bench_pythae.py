@@ -6,8 +6,8 @@ the 1000 held-out images after every epoch:
 
 - klbench: `fit` on klbench's VAE, every epoch's train and test ledger sent to a real MLflow
            SQLite store (what a job does);
-- pythae:  pythae's `TrainingPipeline` with the same encoder and decoder as its
-           BaseEncoder/BaseDecoder, `reconstruction_loss="bce"`, its eval set the held-out images.
+- pythae:  pythae's `TrainingPipeline` with the same encoder and decoder networks (klbench's
+           `mlp`) as its BaseEncoder/BaseDecoder, `reconstruction_loss="bce"`, its eval set the held-out images.
 
 pythae is not a klbench dependency; install it beside klbench for this benchmark only:
 
@@ -26,25 +26,16 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from klbench.config import TrainConfig
 from klbench.data import load_dataset
+from klbench.models.likelihoods import mlp
 from klbench.models.vae import VAE, Config
 from klbench.seeds import OneSeed
 from klbench.tracking import RunTracker, init_store
 from klbench.train import fit
 
 HIDDEN, LATENT, BATCH, LR = [512, 512], 20, 128, 1e-3
-
-
-def network(sizes: list[int]) -> nn.Sequential:
-    layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
-            layers.append(nn.SiLU())
-    return nn.Sequential(*layers)
 
 
 def klbench_seconds(x: torch.Tensor, x_test: torch.Tensor, epochs: int, scratch: Path) -> float:
@@ -54,8 +45,11 @@ def klbench_seconds(x: torch.Tensor, x_test: torch.Tensor, epochs: int, scratch:
     init_store(uri, ["vae"])
     tracker = RunTracker(uri, "vae", "bench/pythae/seed0", {}, {})
     tracker.start()
-    on_epoch = lambda epoch, per_seed: tracker.log_metrics(  # noqa: E731
-        {f"{split}/{k}": v for split, values in per_seed[0].items() for k, v in values.items()}, step=epoch)
+
+    def on_epoch(epoch: int, per_seed: list) -> None:
+        tracker.log_metrics({f"{split}/{k}": v for split, values in per_seed[0].items() for k, v in values.items()},
+                            step=epoch)
+
     start = time.perf_counter()
     fit(OneSeed(model, seed=0), (x,), (x_test,), TrainConfig(epochs=epochs, batch_size=BATCH, lr=LR, eval_every=1),
         on_epoch=on_epoch, progress=False)
@@ -75,7 +69,7 @@ def pythae_seconds(x: torch.Tensor, x_test: torch.Tensor, epochs: int, scratch: 
     class Encoder(BaseEncoder):
         def __init__(self) -> None:
             super().__init__()
-            self.net = network([784, *HIDDEN, 2 * LATENT])
+            self.net = mlp([784, *HIDDEN, 2 * LATENT])
 
         def forward(self, x):
             mu, log_var = self.net(x.reshape(len(x), -1)).chunk(2, -1)
@@ -84,7 +78,7 @@ def pythae_seconds(x: torch.Tensor, x_test: torch.Tensor, epochs: int, scratch: 
     class Decoder(BaseDecoder):
         def __init__(self) -> None:
             super().__init__()
-            self.net = network([LATENT, *reversed(HIDDEN), 784])
+            self.net = mlp([LATENT, *reversed(HIDDEN), 784])
 
         def forward(self, z):
             return ModelOutput(reconstruction=torch.sigmoid(self.net(z)))  # pythae's bce takes probabilities

@@ -2,14 +2,16 @@
 
 Same data (mnist5k, binarized, 4000 training images), same architecture (the default
 config's VAE: 784-128-128-(2x8) encoder, 8-128-128-784 Bernoulli decoder, SiLU), same
-batch size, same thread count. Three sides:
+batch size, same thread count. Four sides:
 
 - minimal: what one would write by hand: a bare encoder/decoder (`MinimalVAE`), a plain
   loop, no ledger, no checks, no tracking, one held-out -ELBO pass at the end;
 - loop:    klbench's `fit` driving that same `MinimalVAE`, with every epoch's metrics sent to
            a real MLflow SQLite store: the cost of the shared loop, ledger and logging alone;
 - klbench: the real path a job takes: `fit` on klbench's `VAE` (logvar clamping, general
-           (k, B, L) shapes), with the same tracking.
+           (k, B, L) shapes), with the same tracking;
+- stacked: three seeds of klbench's VAE trained as one stacked model (train.stack_seeds),
+           its time divided by three: the cost per seed trained.
 
 `fit` scores the held-out set after its last epoch, so every side does. The sides alternate,
 so each repeat is a set measured under the same machine load; the headline is the median
@@ -32,10 +34,12 @@ from torch import Tensor, nn
 from klbench.config import TrainConfig
 from klbench.data import load_dataset
 from klbench.models.vae import VAE, Config
+from klbench.seeds import OneSeed, StackedSeeds
 from klbench.tracking import RunTracker, init_store
 from klbench.train import fit
 
 HIDDEN, LATENT, BATCH = [128, 128], 8, 128
+STACKED = 3
 
 
 class MinimalVAE(nn.Module):
@@ -73,11 +77,11 @@ def minimal_loop(x: Tensor, x_test: Tensor, epochs: int) -> None:
         model.loss(x_test, 0, 0)[0].item()
 
 
-def fit_loop(model: nn.Module, x: Tensor, x_test: Tensor, epochs: int, tracker: RunTracker) -> None:
+def fit_loop(group: OneSeed | StackedSeeds, x: Tensor, x_test: Tensor, epochs: int, tracker: RunTracker) -> None:
     # eval_every > epochs: one held-out pass, after the last epoch
-    fit(model, (x,), (x_test,), TrainConfig(epochs=epochs, batch_size=BATCH, lr=1e-3, eval_every=10**9),
-        on_epoch=lambda epoch, means: tracker.log_metrics(
-            {f"{s}/{k}": v for s, m in means.items() for k, v in m.items()}, step=epoch),
+    fit(group, (x,), (x_test,), TrainConfig(epochs=epochs, batch_size=BATCH, lr=1e-3, eval_every=10**9),
+        on_epoch=lambda epoch, per_seed: tracker.log_metrics(
+            {f"{s}/{k}": v for s, m in per_seed[0].items() for k, v in m.items()}, step=epoch),
         progress=False)
 
 
@@ -85,6 +89,11 @@ def klbench_vae() -> VAE:
     config = Config(latent_dim=LATENT, hidden=HIDDEN, beta=1.0, k=1, prior="standard", prior_components=1,
                     decoder_scale="diagonal")
     return VAE(config, 784, "binary")
+
+
+def stacked_vaes(seeds: int) -> StackedSeeds:
+    return StackedSeeds([klbench_vae() for _ in range(seeds)], [torch.Generator().manual_seed(s) for s in range(seeds)],
+                        list(range(seeds)))
 
 
 def main() -> None:
@@ -105,8 +114,10 @@ def main() -> None:
         tracker.start()
         sides: dict[str, Callable[[int], None]] = {
             "minimal": lambda epochs: minimal_loop(x, x_test, epochs),
-            "loop": lambda epochs: fit_loop(MinimalVAE(), x, x_test, epochs, tracker),
-            "klbench": lambda epochs: fit_loop(klbench_vae(), x, x_test, epochs, tracker),
+            "loop": lambda epochs: fit_loop(OneSeed(MinimalVAE(), 0), x, x_test, epochs, tracker),
+            "klbench": lambda epochs: fit_loop(OneSeed(klbench_vae(), 0), x, x_test, epochs, tracker),
+            # three seeds at once; its time is divided by 3 below: the cost per seed trained
+            "stacked": lambda epochs: fit_loop(stacked_vaes(STACKED), x, x_test, epochs, tracker),
         }
         for run_side in sides.values():  # warm-up of every path
             run_side(1)
@@ -116,7 +127,7 @@ def main() -> None:
                 torch.manual_seed(0)
                 start = time.perf_counter()
                 run_side(args.epochs)
-                times[name].append(time.perf_counter() - start)
+                times[name].append((time.perf_counter() - start) / (STACKED if name == "stacked" else 1))
         tracker.finish("FINISHED")
         tracking_seconds = tracker.seconds
 
@@ -125,7 +136,7 @@ def main() -> None:
         print(f"{name:>8}: {examples / statistics.median(seconds):10.0f} examples/s  "
               f"(median {statistics.median(seconds):.3f} s, min {min(seconds):.3f} s)")
     print(f"MLflow time inside the loop and klbench sides: {tracking_seconds:.3f} s in total")
-    for name in ("loop", "klbench"):
+    for name in ("loop", "klbench", "stacked"):
         paired = [m / t for m, t in zip(times["minimal"], times[name])]
         of_medians = statistics.median(times["minimal"]) / statistics.median(times[name])
         print(f"throughput ratio {name} / minimal: {statistics.median(paired):.3f} (median over {len(paired)} "
