@@ -47,16 +47,21 @@ def read_timing(ledger_path: Path) -> dict[str, float]:
     return {f"timing.{k}": v for k, v in flatten(read_ledger(path))} if path.exists() else {}
 
 
-def timing_table(summary: pd.DataFrame) -> pd.DataFrame:
+def timing_table(summary: pd.DataFrame, server_startup_s: float = 0.0) -> pd.DataFrame:
     """CPU seconds per phase (klbench.timing.PHASES) summed over the runs of a pipeline, with
-    each phase's share, and the fixed cost: the share of CPU that is not training or evaluation."""
+    each phase's share, and the fixed cost: the share of CPU that is not training or evaluation.
+
+    server_startup_s: the CPU the fork server spent importing before it forked the jobs (its
+    jobs' own start-up is only what came after the fork); counted once, in start-up."""
     from klbench.timing import PHASES, WORK
 
     columns = {name: f"timing.cpu.{name}_s" for name in PHASES}
     if not set(columns.values()) <= set(summary.columns):
         return pd.DataFrame(columns=["phase", "cpu_s", "share", "per_run_median_s"])
-    total = summary["timing.cpu.total_s"].sum()
-    rows = [{"phase": name, "cpu_s": summary[column].sum(), "share": summary[column].sum() / total,
+    sums = {name: summary[column].sum() + (server_startup_s if name == "startup" else 0.0)
+            for name, column in columns.items()}
+    total = summary["timing.cpu.total_s"].sum() + server_startup_s
+    rows = [{"phase": name, "cpu_s": sums[name], "share": sums[name] / total,
              "per_run_median_s": summary[column].median()} for name, column in columns.items()]
     fixed = sum(r["cpu_s"] for r in rows if r["phase"] not in WORK)
     rows.append({"phase": "fixed cost (all but train and eval)", "cpu_s": fixed, "share": fixed / total,
@@ -231,8 +236,10 @@ def table_metrics(summary: pd.DataFrame) -> list[str]:
     return list(dict.fromkeys([*listed("terms"), *DERIVED_METRICS, *listed("headline")]))
 
 
-def write_tables(summary: pd.DataFrame, out_dir: Path, baselines: dict[str, str]) -> dict[str, Path]:
-    """Every comparison table as CSV and Markdown into out_dir; returns name -> CSV path."""
+def write_tables(summary: pd.DataFrame, out_dir: Path, baselines: dict[str, str],
+                 server_startup_s: float = 0.0) -> dict[str, Path]:
+    """Every comparison table as CSV and Markdown into out_dir; returns name -> CSV path.
+    server_startup_s: see timing_table."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = seed_stats(summary)
     ranks = model_ranks(summary)
@@ -241,7 +248,7 @@ def write_tables(summary: pd.DataFrame, out_dir: Path, baselines: dict[str, str]
         "paired": (paired := paired_comparisons(summary, baselines), paired.to_markdown(index=False, floatfmt=".4g")),
         "ranking": (ranked := ranking(stats, ranks), ranked.to_markdown(index=False, floatfmt=".4g")),
         "cross_family": (cross := cross_family(stats, ranks), cross.to_markdown(index=False, floatfmt=".4g")),
-        "timing": (timing := timing_table(summary), timing.to_markdown(index=False, floatfmt=".3g")),
+        "timing": (timing := timing_table(summary, server_startup_s), timing.to_markdown(index=False, floatfmt=".3g")),
     }
     paths = {}
     for name, (table, markdown) in tables.items():

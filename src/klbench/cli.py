@@ -1,4 +1,4 @@
-"""Command line: `klbench train | evaluate | verify | aggregate | plot | summary-run | grid | schema | settings | init-tracking`.
+"""Command line: `klbench train | evaluate | verify | aggregate | plot | summary-run | grid | schema | settings | init-tracking | fork-server`.
 
 User errors (KlbenchError) end in one line on stderr and exit code 2; the traceback is
 kept for bugs only.
@@ -103,7 +103,9 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {len(table)} runs", file=sys.stderr)
     if args.tables:
         baselines = dict(pair.split("=", 1) for pair in args.baseline)
-        paths = write_tables(table, Path(args.tables), baselines)
+        server = Path(args.fork_server_info) if args.fork_server_info else None
+        server_startup = json.loads(server.read_text())["startup_cpu_s"] if server and server.exists() else 0.0
+        paths = write_tables(table, Path(args.tables), baselines, server_startup)
         print(f"wrote {', '.join(p.stem for p in paths.values())} tables (CSV and Markdown) to {args.tables}",
               file=sys.stderr)
 
@@ -168,6 +170,12 @@ def cmd_settings(args: argparse.Namespace) -> None:
     print("\n".join(f"`{where}`:\n\n{settings_table(cls)}" for where, cls in sections), end="")
 
 
+def cmd_fork_server(args: argparse.Namespace) -> None:
+    from klbench.forkserver import serve
+
+    serve(Path(args.socket), idle=args.idle, info=Path(args.info) if args.info else None)
+
+
 def cmd_init_tracking(args: argparse.Namespace) -> None:
     from klbench.tracking import init_store, resolve_tracking_uri
 
@@ -208,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate.add_argument("--tables", help="folder for the comparison tables over seeds")
     aggregate.add_argument("--baseline", action="append", default=[], metavar="FAMILY=MODEL",
                            help="paired comparisons against this model of the family (repeatable)")
+    aggregate.add_argument("--fork-server-info", help="the fork server's JSON (its start-up CPU joins the timing "
+                                                      "table); a missing file counts as no server")
     aggregate.set_defaults(func=cmd_aggregate)
 
     plot = commands.add_parser("plot", help="summary CSV + run directories -> comparison figures (no training)")
@@ -234,6 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
     settings = commands.add_parser("settings", help="print every setting with its default and limits (Markdown)")
     settings.set_defaults(func=cmd_settings)
 
+    fork = commands.add_parser("fork-server", help="serve training jobs from one process holding the imports "
+                                                   "(the workflow starts it; see klbench/forkserver.py)")
+    fork.add_argument("--socket", required=True, help="Unix socket to listen on")
+    fork.add_argument("--idle", type=float, default=120.0, help="exit after this many seconds with no job")
+    fork.add_argument("--info", help="JSON file for the server's own start-up CPU seconds")
+    fork.set_defaults(func=cmd_fork_server)
+
     init = commands.add_parser("init-tracking", help="create the MLflow store and experiments before parallel jobs")
     init.add_argument("--uri", help="tracking URI (default: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
     init.add_argument("--experiment", action="append", default=[])
@@ -242,6 +259,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        from klbench.forkserver import run_via_server
+
+        status = run_via_server(argv)  # a child of the pipeline's fork server, if there is one
+        if status is not None:
+            return status
     args = build_parser().parse_args(argv)
     try:
         status = args.func(args)

@@ -12,4 +12,5 @@ rule summary:
         RESULTS + "/logs/summary.log",
     shell:
         "klbench aggregate {input.ledgers} --out {output.summary} --tables {RESULTS}/tables {params.baselines}"
+        " --fork-server-info {RESULTS}/logs/fork_server.json"
         " > {log} 2>&1"
