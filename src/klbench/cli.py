@@ -87,9 +87,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from klbench.verify import verify_run
 
     result = verify_run(Path(args.run_dir))
+    job = (f"re-run in its job with seeds {', '.join(map(str, result.job_seeds))}"
+           + (", stacked" if result.stacked else ", one by one"))
     if result.identical:
-        print(f"{args.run_dir}: identical (ledger.json byte for byte)")
+        print(f"{args.run_dir}: identical (ledger.json byte for byte; {job})")
         return 0
+    print(f"{args.run_dir}: {job}")
     print(f"{args.run_dir}: differs in {len(result.differences)} value(s):")
     for difference in result.differences:
         print(f"  {difference.describe()}")

@@ -54,6 +54,8 @@ def compare_ledgers(stored: dict[str, Any], rerun: dict[str, Any]) -> list[Diffe
 class Verification:
     identical: bool  # ledger.json byte for byte
     differences: list[Difference]
+    job_seeds: list[int]  # the seeds re-run together, as they were trained
+    stacked: bool  # whether they trained as one stacked model
 
 
 def verify_run(run_dir: Path) -> Verification:
@@ -75,4 +77,5 @@ def verify_run(run_dir: Path) -> Verification:
         outs = [Path(scratch) / f"seed{seed}" for seed in seeds]
         execute_runs([replace(run, seed=seed) for seed in seeds], outs, progress=False, tracking_uri=uri)
         rerun_bytes = (Path(scratch) / f"seed{run.seed}" / "ledger.json").read_bytes()
-    return Verification(rerun_bytes == stored_bytes, compare_ledgers(stored, json.loads(rerun_bytes)))
+    return Verification(rerun_bytes == stored_bytes, compare_ledgers(stored, json.loads(rerun_bytes)), seeds,
+                        bool(stored.get("run", {}).get("stacked", False)))

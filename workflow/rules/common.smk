@@ -1,30 +1,33 @@
 # Config validation, the grid and input getters. No math here.
 import json
+import os
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
-from klbench.config import expand_models, resolve_run, run_grid, seed_blocks, validate_config
 from klbench.errors import ConfigError
-from klbench.figures import plan_figures
 from klbench.forkserver import start_server, stop_server
-from klbench.run import RUN_FILES
-from klbench.models import get_family
+from klbench.plan import block_label, workflow_plan
 
 try:
-    BENCH = validate_config(config)
+    # validated config, grid, each job's run configs, figures: cached per config and klbench
+    # source, so that a parse (a no-op run included) does not import torch
+    PLAN = workflow_plan(config, Path(".snakemake") / "klbench")
 except ConfigError as error:
     # sys.exit prints just this line; a WorkflowError would add the Snakefile's traceback
     sys.exit(f"klbench config error: {error}")
 
+BENCH = PLAN["bench"]
 RESULTS = BENCH["results_dir"]
-GRID = run_grid(BENCH)
-VARIANTS = expand_models(BENCH)
+GRID = [tuple(point) for point in PLAN["grid"]]
+FAMILY_OF = PLAN["families"]  # model variant -> family
 RUN_DIR = RESULTS + "/runs/{dataset}/{model}/seed{seed}"
-SEED_BLOCKS = seed_blocks(BENCH["seeds"], BENCH["seeds_per_job"])
+RUN_FILES = PLAN["run_files"]
+SEED_BLOCKS = [tuple(block) for block in PLAN["blocks"]]
 # the comparison figures, as the families of the grid declare them (name, drawing, report category)
-FIGURES = plan_figures([(d, get_family(VARIANTS[m]["family"])) for d, m, _ in dict.fromkeys((d, m, 0) for d, m, _ in GRID)])
+FIGURES = [SimpleNamespace(**figure) for figure in PLAN["figures"]]
 # (family, dataset, model) of every trained pair: its first seed's figure goes into the report
-PAIRS = list(dict.fromkeys((VARIANTS[m]["family"], d, m) for d, m, _ in GRID))
+PAIRS = list(dict.fromkeys((FAMILY_OF[m], d, m) for d, m, _ in GRID))
 
 
 wildcard_constraints:
@@ -36,9 +39,17 @@ wildcard_constraints:
 
 def run_specs(wildcards, block):
     """The resolved run configs of a job's seeds as JSON: a change to them re-runs just that job
-    (params trigger)."""
-    runs = [resolve_run(BENCH, wildcards.dataset, wildcards.model, seed).to_dict() for seed in block]
-    return json.dumps(runs, sort_keys=True, separators=(",", ":"))
+    (params trigger). A pair outside the grid (a file asked for by hand) is resolved here."""
+    key = f"{wildcards.dataset}/{wildcards.model}/{block_label(block)}"
+    if key not in PLAN["specs"]:
+        from klbench.config import resolve_run
+
+        try:
+            return json.dumps([resolve_run(BENCH, wildcards.dataset, wildcards.model, seed).to_dict() for seed in block],
+                              sort_keys=True, separators=(",", ":"))
+        except ConfigError as error:
+            sys.exit(f"klbench config error: {error}")
+    return PLAN["specs"][key]
 
 
 def all_ledgers():
@@ -49,7 +60,7 @@ def all_ledgers():
 
 def tracking_args():
     uri = BENCH["tracking_uri"]
-    families = sorted({VARIANTS[m]["family"] for _, m, _ in GRID})
+    families = sorted({FAMILY_OF[m] for _, m, _ in GRID})
     return " ".join(([f"--uri {uri}"] if uri else []) + [f"--experiment {f}" for f in families])
 
 
@@ -57,6 +68,9 @@ FORK_SERVER = {}
 
 
 onstart:
+    if workflow.cores > (os.cpu_count() or 1):
+        print(f"klbench: --cores {workflow.cores} on {os.cpu_count()} CPUs: jobs share the CPUs (on 2 CPUs, "
+              "--cores 8 took 10% longer than --cores 2; README, 'Cores')", file=sys.stderr)
     # A new SQLite store crashes when parallel jobs create it at once: create it first.
     shell(f"klbench init-tracking {tracking_args()}")
     # One process holds torch, klbench and MLflow imported; every training job forks from it
