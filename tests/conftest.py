@@ -46,3 +46,16 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(1)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """predicate()'s first truthy value within timeout seconds, polled every 0.1 s; else fail."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")

@@ -8,14 +8,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, run_snakemake, snakemake_command, wait_for
 from mlflow.tracking import MlflowClient
-
-from conftest import REPO, run_snakemake, snakemake_command
 
 pytestmark = pytest.mark.slow
 
@@ -59,16 +57,6 @@ def test_a_diverging_job_fails_alone_with_one_line_and_keep_going_finishes_the_r
     tracked = mlflow_runs(tmp_path)
     assert [r.info.status for r in tracked["checkerboard/boom/seed0"]] == ["FAILED"]
     assert [r.info.status for r in tracked["checkerboard/vae/seed0"]] == ["FINISHED"]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def training_job_pid(workdir: Path, out: str) -> int | None:

@@ -5,11 +5,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import wait_for
 from mlflow.tracking import MlflowClient
 
 from klbench.forkserver import SOCKET_ENV, start_server, stop_server
@@ -35,11 +35,10 @@ def server(tmp_path, monkeypatch):
     monkeypatch.delenv(SOCKET_ENV, raising=False)
 
 
-def train_command(repo: Path, config: Path, out: Path, epochs: int | None = None) -> list[str]:
-    command = [str(Path(sys.executable).parent / "klbench"), "train", "--config", str(repo / "config" / "config.yaml"),
-               "--config", str(config), "--dataset", "checkerboard", "--model", "vae", "--seed", "0",
-               "--out", str(out), "--no-progress"]
-    return command
+def train_command(repo: Path, config: Path, out: Path) -> list[str]:
+    return [str(Path(sys.executable).parent / "klbench"), "train", "--config", str(repo / "config" / "config.yaml"),
+            "--config", str(config), "--dataset", "checkerboard", "--model", "vae", "--seed", "0",
+            "--out", str(out), "--no-progress"]
 
 
 def job_env(tmp_path: Path, socket: str | None) -> dict[str, str]:
@@ -72,7 +71,7 @@ def test_a_forked_job_writes_the_ledger_its_own_process_writes_and_skips_the_imp
 def test_a_forked_job_reports_a_user_error_in_one_line_with_exit_code_2(repo, tmp_path, server):
     bad = subprocess.run([str(Path(sys.executable).parent / "klbench"), "train", "--config",
                           str(repo / "config" / "config.yaml"), "--dataset", "nope", "--model", "vae", "--seed", "0"],
-                         env=job_env(tmp_path, server[0]), capture_output=True, text=True, cwd=tmp_path)
+                         env=job_env(tmp_path, server[0]), capture_output=True, text=True, cwd=tmp_path, check=False)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == ["klbench: error: unknown dataset 'nope'; known datasets: "
                                                + bad.stderr.split("known datasets: ")[1].strip()]
@@ -80,16 +79,6 @@ def test_a_forked_job_reports_a_user_error_in_one_line_with_exit_code_2(repo, tm
 
 def children_of(pid: int) -> list[int]:
     return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    pytest.fail(f"timed out after {timeout} s waiting for {what}")
 
 
 def mlflow_statuses(tmp_path: Path) -> list[str]:
@@ -125,7 +114,7 @@ def test_without_a_reachable_server_a_job_runs_in_its_own_process(repo, tmp_path
     stale = tmp_path / "gone.sock"
     stale.write_text("")  # a socket path left behind by a server that is gone
     result = subprocess.run(train_command(repo, config, tmp_path / "run"), env=job_env(tmp_path, str(stale)),
-                            capture_output=True, text=True, cwd=tmp_path)
+                            capture_output=True, text=True, cwd=tmp_path, check=False)
     assert result.returncode == 0, result.stderr
     timing = json.loads((tmp_path / "run" / "timing.json").read_text())["cpu"]
     assert timing["startup_s"] > 0.3  # it imported torch itself

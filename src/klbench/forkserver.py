@@ -44,13 +44,13 @@ def _warm_imports() -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot  # noqa: F401
-    import mlflow.entities  # noqa: F401
-    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
-    import mlflow.tracking  # noqa: F401
+    import matplotlib.pyplot
+    import mlflow.entities
+    import mlflow.store.tracking.sqlalchemy_store
+    import mlflow.tracking
 
-    import klbench.cli  # noqa: F401
-    import klbench.run  # noqa: F401
+    import klbench.cli
+    import klbench.run
 
 
 def serve(path: Path, idle: float, info: Path | None = None) -> None:

@@ -38,7 +38,13 @@ def compute_plan(raw_config: Mapping[str, Any]) -> dict[str, Any]:
     """The plan of a config (imports every family): ConfigError for a bad config."""
     from dataclasses import asdict
 
-    from klbench.config import expand_models, resolve_run, run_grid, seed_blocks, validate_config
+    from klbench.config import (
+        expand_models,
+        resolve_run,
+        run_grid,
+        seed_blocks,
+        validate_config,
+    )
     from klbench.figures import plan_figures
     from klbench.models import get_family
     from klbench.run import RUN_FILES
