@@ -6,11 +6,13 @@ Three ways to train seeds 0, 1, 2 of the default config's (dataset, model), each
 - processes:  three `klbench train` processes one after another (one seed each: what one
               job per seed costs: interpreter, imports, store, data, training, evaluation);
 - one-by-one: one process, seeds trained one after another (train.stack_seeds false);
-- stacked:    one process, the seeds trained as one stacked model (train.stack_seeds true).
+- stacked:    one process, the seeds trained as one stacked model (train.stack_seeds true);
+- forked:     the pipeline's way: one job, seeds one by one, forked from a running fork server
+              (klbench/forkserver.py), so it imports nothing itself.
 
 Reported: wall seconds of each side, and the training seconds summed from the runs'
-timing.json, with the ratios processes / stacked (whole job) and one-by-one / stacked
-(training alone). The sides alternate within each repeat, so a ratio compares runs made
+timing.json, with the ratios processes / stacked and processes / forked (whole job) and
+one-by-one / stacked (training alone). The sides alternate within each repeat, so a ratio compares runs made
 under the same machine load; the median over repeats is the headline.
 
     python tests/benchmarks/bench_seeds.py [--pairs checkerboard/vae ...] [--epochs N] [--repeats 3]
@@ -26,13 +28,16 @@ import tempfile
 import time
 from pathlib import Path
 
+from klbench.forkserver import SOCKET_ENV, start_server, stop_server
+
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_PAIRS = ["checkerboard/vae", "eight_gaussians/vae", "checkerboard/ddpm-linear", "mnist5k/vae",
                  "mnist5k/ddpm-linear"]
 SEEDS = (0, 1, 2)
 
 
-def train(folder: Path, dataset: str, model: str, seeds: tuple[int, ...], stack: bool, epochs: int | None) -> float:
+def train(folder: Path, dataset: str, model: str, seeds: tuple[int, ...], stack: bool, epochs: int | None,
+          server: str | None = None) -> float:
     """One `klbench train` process for these seeds; its wall seconds."""
     override = folder / "override.yaml"
     lines = [f"train: {{stack_seeds: {str(stack).lower()}}}"]
@@ -43,9 +48,13 @@ def train(folder: Path, dataset: str, model: str, seeds: tuple[int, ...], stack:
                "--config", str(override), "--dataset", dataset, "--model", model, "--no-progress"]
     for seed in seeds:
         command += ["--seed", str(seed), "--out", str(folder / f"seed{seed}")]
+    env = {k: v for k, v in os.environ.items() if k != SOCKET_ENV}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+    if server:
+        env[SOCKET_ENV] = server
+        command[:3] = [str(Path(sys.executable).parent / "klbench")]  # the thin client, as the workflow calls it
     start = time.perf_counter()
-    subprocess.run(command, cwd=folder, check=True, capture_output=True,
-                   env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"})
+    subprocess.run(command, cwd=folder, check=True, capture_output=True, env=env)
     return time.perf_counter() - start
 
 
@@ -53,21 +62,23 @@ def train_seconds(folder: Path) -> float:
     return sum(json.loads((folder / f"seed{s}" / "timing.json").read_text())["wall"]["train_s"] for s in SEEDS)
 
 
-def measure(dataset: str, model: str, epochs: int | None, scratch: Path) -> dict[str, float]:
+def measure(dataset: str, model: str, epochs: int | None, scratch: Path, server: str) -> dict[str, float]:
     sides = {}
-    for name in ("processes", "one-by-one", "stacked"):
+    for name in ("processes", "one-by-one", "stacked", "forked"):
         folder = scratch / name
         folder.mkdir()
         if name == "processes":
             wall = sum(train(folder, dataset, model, (seed,), stack=False, epochs=epochs) for seed in SEEDS)
         else:
-            wall = train(folder, dataset, model, SEEDS, stack=name == "stacked", epochs=epochs)
+            wall = train(folder, dataset, model, SEEDS, stack=name == "stacked", epochs=epochs,
+                         server=server if name == "forked" else None)
         sides[name] = {"wall": wall, "train": train_seconds(folder)}
     return {
         "wall processes": sides["processes"]["wall"], "wall one-by-one": sides["one-by-one"]["wall"],
-        "wall stacked": sides["stacked"]["wall"],
+        "wall stacked": sides["stacked"]["wall"], "wall forked": sides["forked"]["wall"],
         "train one-by-one": sides["one-by-one"]["train"], "train stacked": sides["stacked"]["train"],
         "job: processes / stacked": sides["processes"]["wall"] / sides["stacked"]["wall"],
+        "job: processes / forked": sides["processes"]["wall"] / sides["forked"]["wall"],
         "train: one-by-one / stacked": sides["one-by-one"]["train"] / sides["stacked"]["train"],
     }
 
@@ -80,12 +91,21 @@ def main() -> None:
     args = parser.parse_args()
     print(f"3 seeds, {args.repeats} repeats, median (min-max); wall seconds of the whole job, training seconds "
           "from timing.json")
+    with tempfile.TemporaryDirectory() as server_dir:
+        server = start_server(Path(server_dir) / "fork_server.log", idle=600)
+        try:
+            report(args, server)
+        finally:
+            stop_server(server)
+
+
+def report(args: argparse.Namespace, server: str) -> None:
     for pair in args.pairs:
         dataset, model = pair.split("/")
         rows = []
         for _ in range(args.repeats):
             with tempfile.TemporaryDirectory() as scratch:
-                rows.append(measure(dataset, model, args.epochs, Path(scratch)))
+                rows.append(measure(dataset, model, args.epochs, Path(scratch), server))
         print(f"\n{pair}")
         for key in rows[0]:
             values = [row[key] for row in rows]
