@@ -8,7 +8,8 @@ Three ways to train seeds 0, 1, 2 of the default config's (dataset, model), each
 - one-by-one: one process, seeds trained one after another (train.stack_seeds false);
 - stacked:    one process, the seeds trained as one stacked model (train.stack_seeds true);
 - forked:     the pipeline's way: one job, seeds one by one, forked from a running fork server
-              (klbench/forkserver.py), so it imports nothing itself.
+              (klbench/forkserver.py), so it imports nothing itself;
+- forked stacked: the same job with the seeds stacked.
 
 Reported: wall seconds of each side, and the training seconds summed from the runs'
 timing.json, with the ratios processes / stacked and processes / forked (whole job) and
@@ -64,21 +65,23 @@ def train_seconds(folder: Path) -> float:
 
 def measure(dataset: str, model: str, epochs: int | None, scratch: Path, server: str) -> dict[str, float]:
     sides = {}
-    for name in ("processes", "one-by-one", "stacked", "forked"):
-        folder = scratch / name
+    for name in ("processes", "one-by-one", "stacked", "forked", "forked stacked"):
+        folder = scratch / name.replace(" ", "-")
         folder.mkdir()
         if name == "processes":
             wall = sum(train(folder, dataset, model, (seed,), stack=False, epochs=epochs) for seed in SEEDS)
         else:
-            wall = train(folder, dataset, model, SEEDS, stack=name == "stacked", epochs=epochs,
-                         server=server if name == "forked" else None)
+            wall = train(folder, dataset, model, SEEDS, stack=name.endswith("stacked"), epochs=epochs,
+                         server=server if name.startswith("forked") else None)
         sides[name] = {"wall": wall, "train": train_seconds(folder)}
     return {
         "wall processes": sides["processes"]["wall"], "wall one-by-one": sides["one-by-one"]["wall"],
         "wall stacked": sides["stacked"]["wall"], "wall forked": sides["forked"]["wall"],
+        "wall forked stacked": sides["forked stacked"]["wall"],
         "train one-by-one": sides["one-by-one"]["train"], "train stacked": sides["stacked"]["train"],
         "job: processes / stacked": sides["processes"]["wall"] / sides["stacked"]["wall"],
         "job: processes / forked": sides["processes"]["wall"] / sides["forked"]["wall"],
+        "job: processes / forked stacked": sides["processes"]["wall"] / sides["forked stacked"]["wall"],
         "train: one-by-one / stacked": sides["one-by-one"]["train"] / sides["stacked"]["train"],
     }
 
