@@ -126,3 +126,16 @@ def test_an_idle_server_exits_and_removes_its_socket(tmp_path, monkeypatch):
     monkeypatch.delenv(SOCKET_ENV, raising=False)
     assert path is not None
     wait_for(lambda: not Path(path).exists(), 30, "the idle server to exit")
+
+
+def test_a_forked_job_killed_on_its_own_fails_its_client_with_one_line(repo, tmp_path, server):
+    """The OOM killer or a user may kill the forked child itself: its client must not hang or pass."""
+    _, server_pid = server
+    config = write(tmp_path / "long.yaml", {**TINY, "train": {"epochs": 500}})
+    client = subprocess.Popen(train_command(repo, config, tmp_path / "run"), env=job_env(tmp_path, server[0]),
+                              cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    (child,) = wait_for(lambda: children_of(server_pid), 30, "the forked job")
+    os.kill(child, signal.SIGKILL)
+    assert client.wait(timeout=60) == 1
+    assert client.stderr.read().strip().splitlines()[-1].startswith(
+        "klbench: error: the job's process ended without an exit status (killed?)")

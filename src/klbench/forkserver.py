@@ -18,7 +18,8 @@ What a job means is unchanged:
   `klbench train` runs in its own process, as it always did.
 
 The server exits when asked (the workflow's onsuccess/onerror) or after `idle` seconds with
-no job running. It writes its own start-up CPU seconds next to the socket's log, so that the
+no job running. In ps or top a running job shows the server's command line
+(`klbench.cli fork-server`) beside its client's `klbench train ...`. It writes its own start-up CPU seconds next to the socket's log, so that the
 pipeline's timing table can count them once.
 """
 
@@ -190,7 +191,11 @@ def run_via_server(argv: list[str]) -> int | None:
     signal.signal(signal.SIGINT, forward)
     status = client.recv(1)
     client.close()
-    return status[0] if status else 1
+    if not status:  # the child died without reporting (killed, out of memory) or the server went away
+        print(f"klbench: error: the job's process ended without an exit status (killed?); the fork server "
+              f"is {path}, its log beside the results in logs/fork_server.log", file=sys.stderr)
+        return 1
+    return status[0]
 
 
 def start_server(log: Path, idle: float = 120.0) -> str | None:
