@@ -48,10 +48,10 @@ def _warm_imports() -> None:
     import matplotlib.pyplot
     import mlflow.entities
     import mlflow.store.tracking.sqlalchemy_store
-    import mlflow.tracking
+    import mlflow.tracking  # noqa: F401 (imported for the children)
 
     import klbench.cli
-    import klbench.run
+    import klbench.run  # noqa: F401 (imported for the children)
 
 
 def serve(path: Path, idle: float, info: Path | None = None) -> None:
