@@ -34,17 +34,19 @@ def block_label(block: tuple[int, ...] | list[int]) -> str:
     return "_".join(map(str, block))
 
 
+def job_spec(bench: Mapping[str, Any], dataset: str, model: str, block: tuple[int, ...] | list[int]) -> str:
+    """A training job's `--spec`: the resolved run configs of its seeds, as compact JSON."""
+    from klbench.config import resolve_run
+
+    return json.dumps([resolve_run(bench, dataset, model, seed).to_dict() for seed in block],
+                      sort_keys=True, separators=(",", ":"))
+
+
 def compute_plan(raw_config: Mapping[str, Any]) -> dict[str, Any]:
     """The plan of a config (imports every family): ConfigError for a bad config."""
     from dataclasses import asdict
 
-    from klbench.config import (
-        expand_models,
-        resolve_run,
-        run_grid,
-        seed_blocks,
-        validate_config,
-    )
+    from klbench.config import expand_models, run_grid, seed_blocks, validate_config
     from klbench.figures import plan_figures
     from klbench.models import get_family
     from klbench.run import RUN_FILES
@@ -54,9 +56,7 @@ def compute_plan(raw_config: Mapping[str, Any]) -> dict[str, Any]:
     variants = expand_models(bench)
     pairs = list(dict.fromkeys((d, m) for d, m, _ in grid))
     blocks = seed_blocks(bench["seeds"], bench["seeds_per_job"])
-    specs = {f"{d}/{m}/{block_label(block)}": json.dumps([resolve_run(bench, d, m, s).to_dict() for s in block],
-                                                          sort_keys=True, separators=(",", ":"))
-             for d, m in pairs for block in blocks}
+    specs = {f"{d}/{m}/{block_label(block)}": job_spec(bench, d, m, block) for d, m in pairs for block in blocks}
     figures = plan_figures([(d, get_family(variants[m]["family"])) for d, m in pairs])
     return {"bench": bench, "grid": [list(point) for point in grid], "blocks": [list(b) for b in blocks],
             "families": {m: variants[m]["family"] for _, m in pairs}, "specs": specs,

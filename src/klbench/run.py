@@ -161,29 +161,34 @@ def execute_runs(
             seed_everything(run.seed)
             models.append(family.build(run.params, dataset).to(device))
             states.append(torch.get_rng_state())  # where a lone seed's training draws would begin
-        if first.train.stack_seeds and getattr(models[0], "stackable", True):
+        stacked = first.train.stack_seeds and getattr(models[0], "stackable", True)
+        if stacked:
             generators = [generator_after(state, device) for state in states]
-            groups = [(list(range(len(runs))), lambda: StackedSeeds(models, generators, [r.seed for r in runs]))]
+            groups = [(list(range(len(runs))), StackedSeeds(models, generators, [run.seed for run in runs]))]
         else:
-            groups = [([i], lambda i=i: OneSeed(models[i], runs[i].seed, rng_state=states[i])) for i in range(len(runs))]
+            groups = [([i], OneSeed(model, run.seed)) for i, (run, model) in enumerate(zip(runs, models))]
         histories: dict[int, list] = {}
-        for members, make_group in groups:
-            group = make_group()
+        for members, group in groups:
+            if not stacked:  # a lone seed draws from the global RNG: from where it stood after building it
+                torch.set_rng_state(states[members[0]])
             histories.update(zip(members, train_group(group, members, runs, trackers, clock, train_tensors,
                                                       test_tensors, progress)))
             for i, model in zip(members, group.models()):
                 models[i] = model
         # which seeds shared this process, and whether they trained stacked: what `verify` re-runs
-        job = {"job_seeds": [run.seed for run in runs], "stacked": isinstance(group, StackedSeeds)}
+        job = {"job_seeds": [run.seed for run in runs], "stacked": stacked}
         for i, (run, output, tracker) in enumerate(zip(runs, outputs, trackers)):
             ledgers.append(evaluate_run(run, family, dataset, models[i], histories[i], output.staging, tracker,
                                         {**provenance, **job}, clock, i))
-        for i, (run, output, tracker) in enumerate(zip(runs, outputs, trackers)):
-            # every file but timing.json is logged before it is written, so that it counts that
-            # logging too; it is the only cost it leaves out, with closing the run
+        # every file but timing.json is logged before it is written, so that it counts that
+        # logging too; it is the only cost it leaves out, with closing the run
+        for output, tracker in zip(outputs, trackers):
             tracker.log_artifacts(sorted(p for p in output.staging.iterdir() if p.is_file()))
+        for i, tracker in enumerate(trackers):
             clock.add("logging", tracker.seconds, tracker.cpu_seconds, run=i)
-            write_json(output.staging / "timing.json", clock.record(i))
+        timings = [clock.record(i) for i in range(len(runs))]  # one moment: the shares add up to the job
+        for output, tracker, timing in zip(outputs, trackers, timings):
+            write_json(output.staging / "timing.json", timing)
             tracker.log_artifacts([output.staging / "timing.json"])
         for run, output in zip(runs, outputs):
             output.publish(run.run_key)
@@ -198,8 +203,8 @@ def execute_runs(
             except Exception as error:  # the original error matters more than a failed status update
                 _log_line(f"could not mark the MLflow run {tracker.run_key} FAILED: {error}")
         raise
-    for i, (run, ledger) in enumerate(zip(runs, ledgers)):
-        cpu = json.loads((outputs[i].out_dir / "timing.json").read_text())["cpu"]
+    for run, ledger, timing in zip(runs, ledgers, timings):
+        cpu = timing["cpu"]
         fixed = 1 - (cpu["train_s"] + cpu["eval_s"]) / cpu["total_s"]
         _log_line(f"done {run.run_key}: test neg_elbo {ledger['derived']['neg_elbo']:.4f} nats; CPU {cpu['total_s']:.1f} s"
                   f" (its share of a process of {len(runs)} runs): "

@@ -125,13 +125,10 @@ def generator_after(seed_state: Tensor, device: torch.device) -> torch.Generator
 
 
 class OneSeed:
-    """One model; its noise (minibatch order included) comes from the global RNG, which is
-    set to rng_state (a state saved after building the model) if given, else left as it is."""
+    """One model; its noise (minibatch order included) comes from the global RNG the caller set."""
 
-    def __init__(self, model: nn.Module, seed: int, rng_state: Tensor | None = None) -> None:
+    def __init__(self, model: nn.Module, seed: int) -> None:
         self.model, self.seeds, self.size = model, [seed], 1
-        if rng_state is not None:
-            torch.set_rng_state(rng_state)
 
     def parameters(self) -> list[Tensor]:
         return list(self.model.parameters())

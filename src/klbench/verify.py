@@ -73,9 +73,10 @@ def verify_run(run_dir: Path) -> Verification:
     with tempfile.TemporaryDirectory(prefix="klbench-verify-") as scratch:
         uri = f"sqlite:///{Path(scratch) / 'mlflow.db'}"
         init_store(uri, [run.family])
-        seeds = stored.get("run", {}).get("job_seeds", [run.seed])
+        job = stored.get("run", {})
+        seeds = job.get("job_seeds", [run.seed])
         outs = [Path(scratch) / f"seed{seed}" for seed in seeds]
         execute_runs([replace(run, seed=seed) for seed in seeds], outs, progress=False, tracking_uri=uri)
         rerun_bytes = (Path(scratch) / f"seed{run.seed}" / "ledger.json").read_bytes()
     return Verification(rerun_bytes == stored_bytes, compare_ledgers(stored, json.loads(rerun_bytes)), seeds,
-                        bool(stored.get("run", {}).get("stacked", False)))
+                        bool(job.get("stacked", False)))

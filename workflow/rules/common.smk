@@ -1,5 +1,4 @@
 # Config validation, the grid and input getters. No math here.
-import json
 import os
 import sys
 from pathlib import Path
@@ -7,7 +6,7 @@ from types import SimpleNamespace
 
 from klbench.errors import ConfigError
 from klbench.forkserver import start_server, stop_server
-from klbench.plan import block_label, workflow_plan
+from klbench.plan import block_label, job_spec, workflow_plan
 
 try:
     # validated config, grid, each job's run configs, figures: cached per config and klbench
@@ -42,11 +41,8 @@ def run_specs(wildcards, block):
     (params trigger). A pair outside the grid (a file asked for by hand) is resolved here."""
     key = f"{wildcards.dataset}/{wildcards.model}/{block_label(block)}"
     if key not in PLAN["specs"]:
-        from klbench.config import resolve_run
-
         try:
-            return json.dumps([resolve_run(BENCH, wildcards.dataset, wildcards.model, seed).to_dict() for seed in block],
-                              sort_keys=True, separators=(",", ":"))
+            return job_spec(BENCH, wildcards.dataset, wildcards.model, block)
         except ConfigError as error:
             sys.exit(f"klbench config error: {error}")
     return PLAN["specs"][key]

@@ -2,7 +2,7 @@
 # trains the block's seeds, stacked where train.stack_seeds allows. Snakemake outputs cannot
 # depend on a wildcard's value, so each block of seeds gets a rule of its own.
 for block in SEED_BLOCKS:
-    label = "_".join(map(str, block))
+    label = block_label(block)
 
     rule:
         name:
