@@ -59,3 +59,17 @@ def wait_for(predicate, timeout: float, what: str):
             return value
         time.sleep(0.1)
     pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+def train_for_epochs(model, train, validation, epochs: int, batch_size: int, lr: float, evaluations: int = 2):
+    """Train a model for `epochs` passes at a constant lr (no warm-up): the tests' fixed budgets.
+    Returns (history, selection); the model ends at its best validation checkpoint."""
+    import math
+
+    from klbench.config import TrainConfig
+    from klbench.train import fit_model
+
+    steps = epochs * math.ceil(len(train[0]) / batch_size)
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=0, schedule="constant",
+                         evaluations=min(evaluations, steps))
+    return fit_model(model, train, validation, config)

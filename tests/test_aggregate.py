@@ -25,7 +25,7 @@ def declared_ranks(family, target=None):
 
 
 def ledger(dataset, model, family, seed, terms, dirty=False, target=None, variant_of=None, sweep=None,
-           diagnostics=None, ranks=None, **derived):
+           diagnostics=None, ranks=None, converged=True, **derived):
     """A ledger.json as run.py writes it, for a run of `family` on data with `target` type."""
     ranks = declared_ranks(family, target) if ranks is None else ranks
     neg_elbo = sum(terms.values())
@@ -37,7 +37,8 @@ def ledger(dataset, model, family, seed, terms, dirty=False, target=None, varian
     if diagnostics is None:
         diagnostics = {"iwae_nll": {"1": neg_elbo, "64": neg_elbo - 0.1}}
     return {"run": run, "terms": terms, "derived": {"neg_elbo": neg_elbo, **derived}, "diagnostics": diagnostics,
-            "train": {"epochs": 1, "parameters": 10, "final": {}}}
+            "train": {"steps": 100, "epochs": 1.0, "best_step": 100, "converged": converged, "parameters": 10,
+                      "final": {}}}
 
 
 def write_ledgers(tmp_path, ledgers):
@@ -247,7 +248,8 @@ def test_cross_family_compares_density_models_of_different_families(mixed):
 def test_table_metrics_are_the_families_terms_derived_then_headline(mixed):
     # the summary is sorted by dataset then model: bbb-gauss, ddpm, map, vae, vae-big on digits
     bbb, diffusion, vae = get_family("bbb"), get_family("diffusion"), get_family("vae")
-    expected = [*bbb.terms, *diffusion.terms, *vae.terms, *DERIVED_METRICS, *bbb.headline, *vae.headline]
+    expected = [*bbb.terms, *diffusion.terms, *vae.terms, *DERIVED_METRICS, *bbb.headline, *diffusion.headline,
+                *vae.headline]
     assert table_metrics(mixed) == list(dict.fromkeys(expected))
 
 

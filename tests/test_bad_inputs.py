@@ -50,9 +50,9 @@ def idx_folder(tmp: Path, truncate: bool) -> Path:
 
 
 def a_finished_run(tmp: Path) -> Path:
-    """A real finished run (2 epochs) to corrupt."""
+    """A real finished run (a few steps) to corrupt."""
     run = tmp / "done"
-    override = write_yaml(tmp / "short.yaml", {"train": {"epochs": 1}, "tracking_uri": f"sqlite:///{tmp}/mlflow.db"})
+    override = write_yaml(tmp / "short.yaml", {"train": {"steps": 6}, "tracking_uri": f"sqlite:///{tmp}/mlflow.db"})
     assert main(["train", *(a for f in [*BASE, override] for a in ("--config", f)), "--dataset", "checkerboard",
                  "--model", "vae", "--seed", "0", "--out", str(run), "--no-progress"]) == 0
     return run
@@ -62,9 +62,9 @@ def a_finished_run(tmp: Path) -> Path:
 CASES = [
     ("unknown-dataset", lambda t: train(t, dataset="mnist9k"), "unknown dataset 'mnist9k'; known datasets:"),
     ("unknown-model", lambda t: train(t, model="vea"), "unknown model 'vea'"),
-    ("unknown-config-key", lambda t: train(t, override={"trian": {"epochs": 2}}), "unknown config key 'trian'"),
-    ("wrong-type", lambda t: train(t, override={"train": {"epochs": "ten"}}), "config key 'train.epochs'"),
-    ("negative-epochs", lambda t: train(t, override={"train": {"epochs": -5}}), "config key 'train.epochs'"),
+    ("unknown-config-key", lambda t: train(t, override={"trian": {"steps": 2}}), "unknown config key 'trian'"),
+    ("wrong-type", lambda t: train(t, override={"train": {"steps": "ten"}}), "config key 'train.steps'"),
+    ("negative-steps", lambda t: train(t, override={"train": {"steps": -5}}), "config key 'train.steps'"),
     ("beta-not-positive", lambda t: train(t, override={"models": {"vae": {"params": {"beta": 0.0}}}}),
      "models.vae"),
     ("seeds-not-integers", lambda t: train(t, override={"seeds": ["a", 1]}), "config key 'seeds.0'"),
@@ -73,7 +73,7 @@ CASES = [
     ("unknown-dataset-option", lambda t: train(t, override={"datasets": {"checkerboard": {"options": {"n_trian": 9}}}}),
      "has no option 'n_trian'"),
     ("missing-config-file", lambda t: train(t, config=[str(t / "nope.yaml")]), "cannot read config file"),
-    ("invalid-yaml", lambda t: train(t, config=[write_yaml(t / "bad.yaml", "train: [epochs: 3\n")]),
+    ("invalid-yaml", lambda t: train(t, config=[write_yaml(t / "bad.yaml", "train: [steps: 3\n")]),
      "is not valid YAML"),
     ("bad-spec-json", lambda t: ["train", "--spec", "{not json", "--out", str(t / "run")], "--spec is not valid JSON"),
     ("missing-idx-file", lambda t: train(t, dataset="mnist", override={"datasets": {"mnist": {"options": {

@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from conftest import train_for_epochs
 import yaml
 from torch.distributions import Normal, kl_divergence
 
@@ -19,8 +20,7 @@ from klbench.errors import ConfigError
 from klbench.models import bbb, get_family
 from klbench.models.bbb import BayesLinear, Config, GaussianPrior, MixturePrior, kl_weight
 from klbench.settings import build_settings
-from klbench.seeds import OneSeed
-from klbench.train import fit, held_out_ledger, seed_everything
+from klbench.train import held_out_ledger, seed_everything
 
 BBB_BLOCKS = yaml.safe_load("""
 families:
@@ -246,8 +246,7 @@ def test_ece_of_calibrated_predictions_is_zero_and_bins_are_closed_above():
 def test_the_predictive_band_widens_outside_the_training_range(toy, tmp_path):
     seed_everything(0)
     model = bbb.build(make_config(hidden=[32, 32]), toy)
-    fit(OneSeed(model, seed=0), (toy.x_train, toy.y_train), (toy.x_test, toy.y_test),
-        TrainConfig(epochs=60, batch_size=64, lr=0.01, eval_every=60), progress=False)
+    train_for_epochs(model, (toy.x_train, toy.y_train), (toy.x_test, toy.y_test), epochs=60, batch_size=64, lr=0.01)
     with torch.no_grad():
         sd_in = model(toy.x_test, 64)[..., 0].std(0)
         sd_out = model(toy.x_ood, 64)[..., 0].std(0)
@@ -285,7 +284,7 @@ def test_a_bbb_run_writes_a_ledger_that_sums_and_its_predictive_plot(repo, tmp_p
     monkeypatch.chdir(tmp_path)
     config = bbb_config(repo, [{"datasets": [dataset], "models": [model]}])
     run = resolve_run(config, dataset, model, 0)
-    run = replace(run, train=replace(run.train, epochs=2, batch_size=128, lr=0.01),
+    run = replace(run, train=replace(run.train, steps=16, batch_size=128, lr=0.01),
                   evaluate=replace(run.evaluate, samples=4))
     ledger = execute_run(run, tmp_path / "run", progress=False, tracking_uri=tracking_uri)
     assert json.loads((tmp_path / "run" / "ledger.json").read_text()) == ledger

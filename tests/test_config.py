@@ -42,34 +42,34 @@ def test_grid_blocks_combine_without_repeats(default):
 
 def test_smoke_config_merges_on_top_of_the_default(repo, default):
     config = validate_config(load_config([repo / "config" / "config.yaml", repo / "config" / "smoke.yaml"]))
-    assert config["train"]["epochs"] == 3 and config["train"]["lr"] == default["train"]["lr"]
+    assert config["train"]["steps"] == 30 and config["train"]["lr"] == default["train"]["lr"]
     pairs = {(d, m) for d, m, _ in run_grid(config)}
     assert {(d, m) for d in ("checkerboard", "digits") for m in ("vae", "iwae-k5")} | {("toy_curve", "bbb-gauss")} <= pairs
 
 
 def test_train_settings_resolve_global_then_dataset_then_model(default):
-    default["datasets"]["checkerboard"]["train"] = {"epochs": 7, "lr": 0.01}
+    default["datasets"]["checkerboard"]["train"] = {"steps": 7000, "lr": 0.01}
     default["models"]["vae"]["train"] = {"lr": 0.02}
     config = validate_config(default)
     run = resolve_run(config, "checkerboard", "vae", 1)
-    assert (run.train.epochs, run.train.lr, run.train.batch_size) == (7, 0.02, config["train"]["batch_size"])
-    assert resolve_run(config, "mnist5k", "vae-mog", 0).train.epochs == config["datasets"]["mnist5k"]["train"]["epochs"]
+    assert (run.train.steps, run.train.lr, run.train.batch_size) == (7000, 0.02, config["train"]["batch_size"])
+    assert resolve_run(config, "mnist5k", "vae-mog", 0).train.steps == config["datasets"]["mnist5k"]["train"]["steps"]
 
 
 def test_settings_resolve_from_family_dataset_and_model_blocks(default):
     """train: global < families.<f>.train < datasets.<d>.train < models.<m>.train; evaluate keys
     of a dataset apply to the families that have them; params: family < model < sweep value."""
-    default["train"] = {"epochs": 5, "lr": 0.1, "batch_size": 64}
-    default["families"]["diffusion"]["train"] = {"epochs": 9, "batch_size": 256}
+    default["train"] = {"steps": 500, "lr": 0.1, "batch_size": 64}
+    default["families"]["diffusion"]["train"] = {"steps": 900, "batch_size": 256}
     default["datasets"]["checkerboard"]["train"] = {"batch_size": 32}
-    default["models"]["ddpm-cosine"]["train"] = {"epochs": 11}
+    default["models"]["ddpm-cosine"]["train"] = {"steps": 1100}
     default["datasets"]["checkerboard"]["evaluate"] = {"iwae_examples": 7, "curve_points": 5}
     config = validate_config(default)
     cosine = resolve_run(config, "checkerboard", "ddpm-cosine", 0)
-    assert (cosine.train.epochs, cosine.train.batch_size, cosine.train.lr) == (11, 32, 0.1)
+    assert (cosine.train.steps, cosine.train.batch_size, cosine.train.lr) == (1100, 32, 0.1)
     linear = resolve_run(config, "mnist5k", "ddpm-linear", 0)
-    assert (linear.train.epochs, linear.train.batch_size) == (config["datasets"]["mnist5k"]["train"]["epochs"], 256)
-    assert resolve_run(config, "digits", "vae", 0).train.epochs == 5
+    assert (linear.train.steps, linear.train.batch_size) == (config["datasets"]["mnist5k"]["train"]["steps"], 256)
+    assert resolve_run(config, "digits", "vae", 0).train.steps == 500
     assert cosine.evaluate.curve_points == 5 and not hasattr(cosine.evaluate, "iwae_examples")
     vae = resolve_run(config, "checkerboard", "vae", 0)
     assert vae.evaluate.iwae_examples == 7 and not hasattr(vae.evaluate, "curve_points")
@@ -137,9 +137,11 @@ def test_seeds_given_as_strings_on_the_command_line_are_integers(default):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda c: c.update(epochs=3), "unknown config key 'epochs'"),
-        (lambda c: c["train"].update(epochs=-1), "config key 'train.epochs'"),
-        (lambda c: c["train"].update(epochs="ten"), "config key 'train.epochs'"),
+        (lambda c: c.update(steps=3), "unknown config key 'steps'"),
+        (lambda c: c["train"].update(steps=-1), "config key 'train.steps'"),
+        (lambda c: c["train"].update(steps="ten"), "config key 'train.steps'"),
+        (lambda c: c["train"].update(epochs=40), "unknown config key 'train.epochs'"),
+        (lambda c: c["train"].update(steps=50, warmup_steps=50), "warmup_steps (50) must be less than steps"),
         (lambda c: c["train"].update(lr=0), "config key 'train.lr'"),
         (lambda c: c["train"].update(batch_size=0), "config key 'train.batch_size': 0 is less than the minimum of 1"),
         (lambda c: c["families"]["diffusion"]["train"].update(lr=-1), "config key 'families.diffusion.train.lr'"),

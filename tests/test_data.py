@@ -64,7 +64,10 @@ def test_loads_with_stated_shapes_kind_and_split(loaded, name):
     assert data.image_like == (kind != "continuous")
     assert data.x_train.dtype == data.x_test.dtype == torch.float32
     assert data.x_train.shape == (n_train, dim) and data.x_test.shape == (n_test, dim)
-    assert (data.split["n_train"], data.split["n_test"]) == (n_train, n_test)
+    # the toy densities train on fresh draws: x_train is their reference draw, n_train None
+    fresh = name in ("eight_gaussians", "checkerboard", "two_moons")
+    assert (data.split["n_train"], data.split["n_test"]) == (None if fresh else n_train, n_test)
+    assert (data.sampler is not None) == fresh and (data.x_val is not None) == fresh
     assert isinstance(data.split["how"], str) and data.split["how"]
     assert data.y_train.dtype == data.y_test.dtype == torch.int64
     assert data.y_train.shape == (n_train,) and data.y_test.shape == (n_test,)
@@ -283,6 +286,31 @@ def test_idx_grey_pixels_are_binarized_the_same_on_every_call(tmp_path):
     assert torch.equal(load_dataset("mnist", path=tmp_path, n_train=7).x_train, data.x_train[:7])
 
 
+def test_dynamic_binarization_redraws_training_bits_per_batch_and_keeps_held_out_bits_fixed(tmp_path):
+    rng = np.random.default_rng(1)
+    for part, n in (("train", 200), ("t10k", 10)):
+        write_idx(tmp_path / f"{part}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)).astype(np.uint8), False)
+        write_idx(tmp_path / f"{part}-labels-idx1-ubyte", rng.integers(0, 10, n).astype(np.uint8), False)
+    static = load_dataset("mnist", path=tmp_path)
+    dynamic = load_dataset("mnist", path=tmp_path, binarization="dynamic")
+    assert static.redraw is None and dynamic.split["binarization"] == "dynamic"
+    assert torch.equal(dynamic.x_test, static.x_test)  # the test bits are drawn once, as for static
+    intensity = dynamic.x_train
+    assert intensity.min() >= 0 and intensity.max() <= 1 and len(intensity.unique()) > 2
+    first = dynamic.redraw(intensity, torch.Generator().manual_seed(0))
+    second = dynamic.redraw(intensity, torch.Generator().manual_seed(1))
+    assert set(first.unique().tolist()) == {0.0, 1.0} and not torch.equal(first, second)
+    # each pixel is Bernoulli(intensity): the mean of many redraws approaches it
+    g = torch.Generator().manual_seed(2)
+    mean = torch.stack([dynamic.redraw(intensity[:20], g) for _ in range(400)]).mean(0)
+    assert (mean - intensity[:20]).abs().max() < 0.1
+    cut = dynamic.with_validation(0.1)  # validation bits are drawn once too
+    assert set(cut.x_val.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(cut.x_val, dynamic.with_validation(0.1).x_val)
+    with pytest.raises(DataError, match="option 'binarization' must be one of static, dynamic"):
+        load_dataset("mnist", path=tmp_path, binarization="otsu")
+
+
 def test_read_idx_handles_other_dtypes_and_dimensions(tmp_path):
     ints = np.arange(24).reshape(2, 3, 4) - 5
     floats = np.linspace(-1, 1, 6)
@@ -344,7 +372,7 @@ def test_unknown_dataset_lists_known_names():
 
 
 def test_unknown_or_bad_option_is_a_data_error():
-    with pytest.raises(DataError, match="dataset 'checkerboard' has no option 'size'; accepted options: n_train, n_test, seed"):
+    with pytest.raises(DataError, match="dataset 'checkerboard' has no option 'size'; accepted options: n_train, n_test, n_val, seed"):
         load_dataset("checkerboard", size=3)
     with pytest.raises(DataError, match="dataset 'digits' has no option 'n_train'; accepted options: none"):
         load_dataset("digits", n_train=10)
@@ -352,3 +380,51 @@ def test_unknown_or_bad_option_is_a_data_error():
         load_dataset("eight_gaussians", n_train=0)
     with pytest.raises(DataError, match="'seed' must be a non-negative integer"):
         load_dataset("two_moons", seed="zero")
+
+
+# --- infinite data, validation splits, dynamic binarization ---------------------------------------
+
+@pytest.mark.parametrize("name", ["eight_gaussians", "checkerboard", "two_moons"])
+def test_a_toy_trains_on_fresh_draws_from_its_exact_sampler_and_keeps_fixed_held_out_sets(name):
+    data = load_dataset(name, n_test=300, n_val=200)
+    x, y = data.sampler(5000, torch.Generator().manual_seed(1))
+    assert x.dtype == torch.float32 and x.shape == (5000, 2) and y.shape == (5000,)
+    assert torch.isfinite(data.log_density(x)).all()  # on the support of the exact density
+    again, _ = data.sampler(5000, torch.Generator().manual_seed(1))
+    other, _ = data.sampler(5000, torch.Generator().manual_seed(2))
+    assert torch.equal(x, again) and not torch.equal(x, other)
+    # test and validation are fixed draws of their own streams: unchanged by the other sizes
+    assert torch.equal(load_dataset(name, n_test=300, n_val=400).x_test, data.x_test)
+    assert torch.equal(load_dataset(name, n_test=500, n_val=200).x_val, data.x_val)
+    assert not torch.equal(data.x_val[:200], data.x_test[:200])
+    assert data.with_validation(0.5) is data  # it has its own: nothing is cut from the reference draw
+    finite = load_dataset(name, n_train=500, n_test=300)
+    assert finite.sampler is None and finite.x_val is None and finite.split["n_train"] == 500
+
+
+def test_the_validation_cut_is_fixed_whatever_the_training_seed_and_disjoint_from_train():
+    data = load_dataset("digits")
+    cut = data.with_validation(0.1)
+    n = len(data.x_train)
+    assert len(cut.x_val) == round(0.1 * n) and len(cut.x_train) == n - len(cut.x_val)
+    together = torch.cat([cut.x_train, cut.x_val])
+    assert sorted(map(tuple, together.tolist())) == sorted(map(tuple, data.x_train.tolist()))
+    again = load_dataset("digits").with_validation(0.1)
+    assert torch.equal(again.x_val, cut.x_val) and torch.equal(again.y_val, cut.y_val)
+    assert cut.split["validation"]["n_val"] == len(cut.x_val) and torch.equal(cut.x_test, data.x_test)
+    with pytest.raises(DataError, match="leaves no training examples"):
+        load_dataset("toy_curve", n_train=2).with_validation(0.9)
+
+
+def test_each_toy_reports_the_share_of_samples_on_its_support():
+    board = load_dataset("checkerboard")
+    assert board.on_support(board.x_test.double().numpy())["on_support"] == 1.0
+    assert board.on_support(np.array([[0.5, -0.5], [0.5, 0.5]]))["on_support"] == 0.5  # white, black
+    ring = load_dataset("eight_gaussians")
+    exact = ring.on_support(ring.x_test.double().numpy())
+    assert exact["modes_covered"] == 8 and exact["on_support"] > 0.98  # 3 sd holds 98.9% of a 2-D Gaussian
+    one_mode = np.tile([[2.0, 0.0]], (100, 1))
+    assert ring.on_support(one_mode) == {"on_support": 1.0, "modes_covered": 1}
+    moons = load_dataset("two_moons")
+    assert moons.on_support(moons.x_test.double().numpy())["on_support"] > 0.98
+    assert moons.on_support(np.array([[0.0, 1.0], [0.0, -3.0]]))["on_support"] == 0.5

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from conftest import train_for_epochs
 from torch.distributions import Categorical, Independent, Normal, kl_divergence
 
 from klbench.config import TrainConfig, load_config, resolve_run, validate_config
@@ -25,8 +26,7 @@ from klbench.models.diffusion import (
     linear_betas,
     posterior,
 )
-from klbench.seeds import OneSeed
-from klbench.train import fit, held_out_ledger, seed_everything
+from klbench.train import held_out_ledger, seed_everything
 
 BETAS = {"linear": linear_betas, "cosine": cosine_betas}
 VARIANTS = {
@@ -359,7 +359,7 @@ def test_learned_schedule_stays_monotone_in_training_and_its_shape_gets_the_vari
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
 
     seed_everything(0)
-    fit(OneSeed(model, seed=0), (x,), (x[:64],), TrainConfig(epochs=10, batch_size=64, lr=0.05, eval_every=10), progress=False)
+    train_for_epochs(model, (x,), (x[:64],), epochs=10, batch_size=64, lr=0.05)
     assert_monotone(model.schedule)
 
 
@@ -381,7 +381,7 @@ def test_ledger_terms_are_finite_sum_to_neg_elbo_and_kls_are_nonnegative(variant
     torch.manual_seed(0)
     model = make_model(x, kind, levels, **VARIANTS[variant])
     seed_everything(0)
-    fit(OneSeed(model, seed=0), (x,), (x[:100],), TrainConfig(epochs=2, batch_size=100, lr=3e-3, eval_every=2), progress=False)
+    train_for_epochs(model, (x,), (x[:100],), epochs=2, batch_size=100, lr=3e-3)
     ledger = held_out_ledger(model, (x,), samples=4)
     assert set(ledger.terms) == {"prior", "diffusion", "reconstruction"}
     for value in ledger.terms.values():
@@ -417,8 +417,7 @@ def test_training_lowers_the_held_out_bound_below_the_gaussian_fit(variant):
     model = make_model(x[:1000], hidden=[64, 64], **VARIANTS[variant])
     seed_everything(0)
     before = held_out_ledger(model, (x[1000:],), samples=16).means()["neg_elbo"]
-    fit(OneSeed(model, seed=0), (x[:1000],), (x[1000:],), TrainConfig(epochs=40, batch_size=100, lr=1e-2, eval_every=40),
-        progress=False)
+    train_for_epochs(model, (x[:1000],), (x[1000:],), epochs=40, batch_size=100, lr=1e-2)
     seed_everything(0)
     after = held_out_ledger(model, (x[1000:],), samples=16).means()["neg_elbo"]
     assert after < before - 1.0
@@ -496,7 +495,7 @@ def test_a_diffusion_run_writes_its_ledger_curve_and_figures(repo, tmp_path, mon
     raw["models"]["vdm-learned"] = {"family": "diffusion", "params": {"process": "vdm", "schedule": "learned",
                                                                       "objective": "vlb"}}
     raw["datasets"]["checkerboard"] = {"options": {"n_train": 500, "n_test": 200}}
-    raw["train"]["epochs"] = 2
+    raw["train"].update(steps=8, warmup_steps=2)
     run = resolve_run(validate_config(raw), "checkerboard", "vdm-learned", 0)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     init_store(uri, ["diffusion"])

@@ -84,7 +84,7 @@ def ledger(dataset: str, model: str, seed: int, spec: Model | None = None) -> di
            "task": ranks[0].task, "ranks": [dataclasses.asdict(r) for r in ranks], "headline": list(family.headline),
            "git_commit": "0" * 40, "git_dirty": False, "device": "cpu"}
     return {"run": run, "terms": terms, "derived": derived, "diagnostics": diagnostics,
-            "train": {"epochs": 6, "parameters": 10, "final": {}}}
+            "train": {"steps": 60, "epochs": 6.0, "best_step": 60, "converged": True, "parameters": 10, "final": {}}}
 
 
 def config_of(dataset: str, model: str, seed: int) -> dict:
@@ -95,13 +95,13 @@ def config_of(dataset: str, model: str, seed: int) -> dict:
             "seed": seed, "variant_of": spec.variant_of or model, "sweep": spec.sweep}
 
 
-def history(record: dict, epochs: int = 6) -> pd.DataFrame:
+def history(record: dict, evaluations: int = 6) -> pd.DataFrame:
     rows = []
-    for epoch in range(1, epochs + 1):
-        for split, offset in (("train", -0.02), ("test", 0.0)):
-            terms = {k: v * (1 + 1.0 / epoch) + offset for k, v in record["terms"].items()}
-            rows.append({"epoch": epoch, "split": split, **terms, "neg_elbo": sum(terms.values()),
-                         "wall_time": 0.1 * epoch})
+    for k in range(1, evaluations + 1):
+        for split, offset in (("train", -0.02), ("val", 0.0)):
+            terms = {name: v * (1 + 1.0 / k) + offset for name, v in record["terms"].items()}
+            rows.append({"step": 10 * k, "split": split, "lr": 1e-3, **terms, "neg_elbo": sum(terms.values()),
+                         "wall_time": 0.1 * k})
     return pd.DataFrame(rows)
 
 
@@ -384,7 +384,7 @@ def test_ledger_bars_stack_each_terms_mean_over_seeds(runs, written):
     assert "H = 1.500" in next(t for t in found if t.startswith("ring"))  # the ring's entropy is drawn
 
 
-def test_training_curves_are_the_per_epoch_mean_of_history_over_seeds(runs, written):
+def test_training_curves_are_the_per_step_mean_of_history_over_seeds(runs, written):
     runs_dir, _ = runs
     drawn = written[2]
     for family in ("vae", "diffusion", "bbb"):
@@ -402,8 +402,8 @@ def test_training_curves_are_the_per_epoch_mean_of_history_over_seeds(runs, writ
                 train_lines = lines_by_model(ax, fig, linestyle="--")
                 assert set(test_lines) == set(train_lines) == set(runs_of)
                 for model, history_ in runs_of.items():
-                    for lines, split in ((test_lines, "test"), (train_lines, "train")):
-                        expected = history_[history_["split"] == split].groupby("epoch")[column].mean()
+                    for lines, split in ((test_lines, "val"), (train_lines, "train")):
+                        expected = history_[history_["split"] == split].groupby("step")[column].mean()
                         (line,) = lines[model]
                         assert list(line.get_xdata()) == list(expected.index)
                         assert list(line.get_ydata()) == pytest.approx(list(expected)), (family, dataset, column)
@@ -416,7 +416,7 @@ def test_training_curves_band_is_the_seed_range(runs, written):
     fig = written[2]["training_curves-vae"]
     ax = panels(fig)["ring: rate"]
     histories = [pd.read_csv(d / "history.csv") for d in run_dirs(runs_dir, "ring", "beta_vae-b0.5")]
-    test = pd.concat(h[h["split"] == "test"] for h in histories)
+    test = pd.concat(h[h["split"] == "val"] for h in histories)
     colour = next(c for c, label in legend_colours(fig).items() if label == "beta_vae-b0.5")
     (band,) = [c for c in ax.collections if colour_key(c.get_facecolor()[0])[:3] == colour[:3]]
     ys = band.get_paths()[0].vertices[:, 1]

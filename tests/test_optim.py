@@ -38,9 +38,9 @@ def test_a_parameter_without_a_gradient_is_left_alone():
 def test_a_training_step_does_not_import_torch_dynamo():
     """torch.optim's first call imports torch._dynamo (~1.2 s CPU per process); training must not."""
     script = ("import sys, torch\nfrom klbench.config import TrainConfig\nfrom klbench.models.vae import VAE, Config\n"
-              "from klbench.seeds import OneSeed\nfrom klbench.train import fit\n"
+              "from klbench.train import fit_model\n"
               "model = VAE(Config(latent_dim=2, hidden=[8]), 2, 'continuous')\nx = torch.randn(64, 2)\n"
-              "fit(OneSeed(model, 0), (x,), (x,), TrainConfig(epochs=1, batch_size=32), progress=False)\n"
+              "fit_model(model, (x,), (x,), TrainConfig(steps=4, warmup_steps=1, batch_size=32))\n"
               "print('torch._dynamo' in sys.modules)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"

@@ -45,6 +45,6 @@ def test_a_changed_config_or_source_is_planned_anew(smoke_config, tmp_path, monk
 
 
 def test_a_bad_config_raises_and_is_not_cached(smoke_config, tmp_path):
-    with pytest.raises(ConfigError, match="train.epochs"):
-        workflow_plan({**smoke_config, "train": {"epochs": -1}}, tmp_path)
+    with pytest.raises(ConfigError, match="train.steps"):
+        workflow_plan({**smoke_config, "train": {"steps": -1}}, tmp_path)
     assert not list(tmp_path.glob("plan-*"))

@@ -23,7 +23,7 @@ def tiny(repo, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = validate_config(load_config([repo / "config" / "config.yaml", repo / "config" / "smoke.yaml"]))
     run = resolve_run(config, "checkerboard", "vae", 0)
-    return replace(run, train=replace(run.train, epochs=2)), tmp_path
+    return replace(run, train=replace(run.train, steps=16)), tmp_path
 
 
 def runs_of(uri: str):

@@ -74,10 +74,10 @@ def job(repo, tmp_path, monkeypatch):
     config = validate_config(load_config([repo / "config" / "config.yaml", repo / "config" / "smoke.yaml"]))
     count = iter(range(1000))
 
-    def runs(dataset: str, model: str, seeds: list[int], stack: bool, epochs: int = 2) -> tuple[list[dict], Path]:
+    def runs(dataset: str, model: str, seeds: list[int], stack: bool, steps: int = 16) -> tuple[list[dict], Path]:
         folder = tmp_path / f"job{next(count)}"
         configs = [resolve_run(config, dataset, model, seed) for seed in seeds]
-        configs = [replace(r, train=replace(r.train, epochs=epochs, stack_seeds=stack)) for r in configs]
+        configs = [replace(r, train=replace(r.train, steps=steps, stack_seeds=stack)) for r in configs]
         ledgers = execute_runs(configs, [folder / f"seed{s}" for s in seeds], progress=False,
                                tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
         return ledgers, folder

@@ -6,12 +6,11 @@ import math
 import pytest
 import torch
 
-from klbench.config import TrainConfig
+from conftest import train_for_epochs
 from klbench.errors import TrainingError
 from klbench.kl import log_normal_diag
 from klbench.models.vae import VAE, Config, iwae_bounds, mutual_information
-from klbench.seeds import OneSeed
-from klbench.train import fit, held_out_ledger, seed_everything
+from klbench.train import held_out_ledger, seed_everything
 
 
 def make_config(**changes) -> Config:
@@ -29,7 +28,7 @@ def continuous_data(n=300, dim=4, seed=0):
 
 def trained(model, x, epochs=30):
     seed_everything(0)
-    fit(OneSeed(model, seed=0), (x,), (x[:50],), TrainConfig(epochs=epochs, batch_size=64, lr=3e-3, eval_every=epochs), progress=False)
+    train_for_epochs(model, (x,), (x[:50],), epochs=epochs, batch_size=64, lr=3e-3)
     return model
 
 
@@ -172,8 +171,8 @@ def test_non_finite_loss_stops_training_with_a_clear_error():
     x = continuous_data()
     x[5, 0] = float("nan")
     model = VAE(make_config(), x.shape[1], "continuous")
-    with pytest.raises(TrainingError, match="NaN/inf in epoch 1"):
-        fit(OneSeed(model, seed=0), (x,), (x,), TrainConfig(epochs=2, batch_size=64, lr=1e-3, eval_every=1), progress=False)
+    with pytest.raises(TrainingError, match=r"NaN/inf by step \d+ \(seed 0\)"):
+        train_for_epochs(model, (x,), (x,), epochs=2, batch_size=64, lr=1e-3)
 
 
 def test_training_lowers_the_held_out_bound():
@@ -182,12 +181,13 @@ def test_training_lowers_the_held_out_bound():
     model = VAE(make_config(), x.shape[1], "continuous")
     before = held_out_ledger(model, (x[500:],), samples=16).means()["neg_elbo"]
     seed_everything(0)
-    (history,) = fit(OneSeed(model, seed=0), (x[:500],), (x[500:],),
-                     TrainConfig(epochs=20, batch_size=64, lr=3e-3, eval_every=5), progress=False)
+    history, selection = train_for_epochs(model, (x[:500],), (x[500:],), epochs=20, batch_size=64, lr=3e-3,
+                                          evaluations=4)
     after = held_out_ledger(model, (x[500:],), samples=16).means()["neg_elbo"]
     assert after < before - 1.0
-    epochs_with_test = [row["epoch"] for row in history if row["split"] == "test"]
-    assert epochs_with_test == [5, 10, 15, 20]
+    # 20 passes of 8 batches: 160 steps, evaluated 4 times evenly; the kept step is one of them
+    assert [row["step"] for row in history if row["split"] == "val"] == [40, 80, 120, 160]
+    assert selection.best_step in (40, 80, 120, 160)
     for row in history:
         assert row["neg_elbo"] == pytest.approx(row["rate"] + row["distortion"])
 
@@ -212,7 +212,7 @@ def test_linear_vae_reaches_the_ppca_maximum_likelihood():
     x = x64.float()
     torch.manual_seed(0)
     model = VAE(make_config(latent_dim=q, hidden=[], decoder_scale="isotropic"), dim, "continuous")
-    fit(OneSeed(model, seed=0), (x,), (x,), TrainConfig(epochs=3000, batch_size=n, lr=1e-2, eval_every=3000), progress=False)
+    train_for_epochs(model, (x,), (x,), epochs=3000, batch_size=n, lr=1e-2)
     torch.manual_seed(1)
     elbo = -held_out_ledger(model, (x,), samples=512).means()["neg_elbo"]
     assert elbo <= max_loglik.item() + 0.01  # the ELBO cannot beat the maximum likelihood

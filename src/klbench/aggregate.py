@@ -35,6 +35,9 @@ def ledger_row(ledger: dict[str, Any]) -> dict[str, Any]:
                 "headline": ",".join(run["headline"]),
                 "config_hash": run["config_hash"], "data_hash": run["data_hash"],
                 "git_commit": run.get("git_commit"), "git_dirty": run.get("git_dirty")})
+    train = ledger["train"]
+    row.update({"steps": train["steps"], "epochs": train["epochs"], "best_step": train["best_step"],
+                "converged": bool(train["converged"])})
     row.update(ledger["terms"])
     row.update(ledger["derived"])
     row.update({k: v for k, v in flatten(ledger["diagnostics"]) if not isinstance(v, (list, dict))})
@@ -93,7 +96,7 @@ def write_summary(ledger_paths: list[Path], out: Path) -> pd.DataFrame:
 GROUP = ["dataset", "family", "model"]
 # Columns that describe a run rather than measure it.
 NOT_METRICS = {"seed", "config_hash", "data_hash", "git_commit", "git_dirty", "data_entropy_true", "data_entropy",
-               "sweep_value"}
+               "sweep_value", "steps", "epochs"}
 
 
 def model_ranks(summary: pd.DataFrame) -> pd.DataFrame:
@@ -128,16 +131,19 @@ def t_interval(values: "pd.Series", level: float = 0.95) -> tuple[float, float, 
 
 
 def seed_stats(summary: pd.DataFrame) -> pd.DataFrame:
-    """Long table: dataset, family, model, metric, n_seeds, mean, std, ci95_low, ci95_high,
-    and dirty_runs: how many of the runs came from a git tree with uncommitted changes."""
+    """Long table: dataset, family, model, metric, n_seeds, mean, std, ci95_low, ci95_high;
+    dirty_runs: how many of the runs came from a git tree with uncommitted changes; steps: their
+    training budget; converged_runs: how many of them converged (train.py)."""
     rows = []
     for key, group in summary.groupby(GROUP, sort=False):
         dirty = int(group["git_dirty"].astype("boolean").fillna(False).sum()) if "git_dirty" in group else 0
+        run = {"dirty_runs": dirty, "steps": int(group["steps"].max()),
+               "converged_runs": int(group["converged"].astype(bool).sum()), "runs": len(group)}
         for metric in metric_columns(summary):
             if group[metric].notna().any():
                 mean, std, low, high, n = t_interval(group[metric])
                 rows.append({**dict(zip(GROUP, key)), "metric": metric, "n_seeds": n, "mean": mean, "std": std,
-                             "ci95_low": low, "ci95_high": high, "dirty_runs": dirty})
+                             "ci95_low": low, "ci95_high": high, **run})
     return pd.DataFrame(rows)
 
 
@@ -204,29 +210,44 @@ def _pm(mean: float, std: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if pd.isna(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+# The reference row of continuous density data: a single Gaussian fitted to the training data.
+REFERENCE_METRIC, REFERENCE_MODEL = "gaussian_fit_nll", "single Gaussian fit (reference)"
+
+
 def ledger_markdown(stats: pd.DataFrame, metrics: list[str]) -> str:
     """One table per dataset: rows = models, cells = mean ± std over seeds, plus the 95%
-    interval of neg_elbo (every metric's interval is in ledger.csv)."""
+    interval of neg_elbo (every metric's interval is in ledger.csv); runs that did not converge
+    are marked (†, with how many), and on continuous density data the NLL of a single Gaussian
+    fit is a reference row."""
     parts = []
     for dataset, group in stats.groupby("dataset", sort=False):
         present = [m for m in metrics if m in set(group["metric"])]
         rows = []
         for (family, model), runs in group.groupby(["family", "model"], sort=False):
             cells = runs.set_index("metric")
-            dirty = " (dirty)" if cells["dirty_runs"].max() > 0 else ""
-            row = {"model": model + dirty, "family": family, "seeds": int(cells["n_seeds"].max())}
+            first = runs.iloc[0]
+            dirty = " (dirty)" if first["dirty_runs"] > 0 else ""
+            unconverged = int(first["runs"] - first["converged_runs"])
+            mark = f" † ({unconverged}/{int(first['runs'])})" if unconverged else ""
+            row = {"model": model + mark + dirty, "family": family, "seeds": int(cells["n_seeds"].max()),
+                   "steps": int(first["steps"])}
             row.update({m: _pm(cells.at[m, "mean"], cells.at[m, "std"]) if m in cells.index else "" for m in present})
             low, high = cells.at["neg_elbo", "ci95_low"], cells.at["neg_elbo", "ci95_high"]
             row["neg_elbo 95% CI"] = "" if pd.isna(low) else f"[{low:.3f}, {high:.3f}]"
             rows.append(row)
+        reference = group[group["metric"] == REFERENCE_METRIC]
+        if len(reference):
+            rows.append({"model": REFERENCE_MODEL, "family": "", "neg_elbo": f"{reference['mean'].iloc[0]:.3f}"})
         parts.append(f"### {dataset}\n\nmean ± std over seeds, nats per example (bpd: bits per dimension); "
-                     "(dirty): some runs came from a git tree with uncommitted changes\n\n"
-                     + pd.DataFrame(rows).to_markdown(index=False))
+                     "nll_bound: -L_k at the largest k; † (n/m): n of the m runs did not converge (their "
+                     "validation -ELBO still improved by more than train.converged_tol over the last 10% of "
+                     "steps); (dirty): some runs came from a git tree with uncommitted changes\n\n"
+                     + pd.DataFrame(rows).fillna("").to_markdown(index=False))
     return "\n\n".join(parts) + "\n"
 
 
 # Derived quantities every table shows after the terms (where a run has them).
-DERIVED_METRICS = ["neg_elbo", "bpd", "kl_total", "inference_gap", "model_gap"]
+DERIVED_METRICS = ["neg_elbo", "bpd", "kl_total", "nll_bound", "inference_gap", "model_gap"]
 
 
 def table_metrics(summary: pd.DataFrame) -> list[str]:

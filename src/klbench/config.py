@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -35,15 +35,36 @@ SWEEP_TAGS = {"beta": "b"}
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How every run trains (the `train` block; families, datasets and models override it)."""
+    """How every run trains (the `train` block; families, datasets and models override it).
 
-    epochs: int = setting(40, "Passes over the training split.", minimum=1)
+    The budget is optimizer steps; epochs follow from it (steps x batch_size / n_train). The
+    learning rate warms up linearly over warmup_steps, then follows the schedule down to
+    lr x final_lr. The model kept is the one with the best validation neg_elbo (train.py)."""
+
+    steps: int = setting(4000, "Optimizer steps: the training budget (epochs follow from it).", minimum=1)
     batch_size: int = setting(128, "Examples per gradient step.", minimum=1)
-    lr: float = setting(1e-3, "Adam learning rate.", exclusiveMinimum=0)
-    eval_every: int = setting(1, "Held-out ledger every n epochs (and after the last).", minimum=1)
+    lr: float = setting(1e-3, "Peak Adam learning rate (after warm-up).", exclusiveMinimum=0)
+    warmup_steps: int = setting(100, "Steps of linear warm-up from 0 to lr (0: none).", minimum=0)
+    schedule: Literal["cosine", "constant"] = setting(
+        "cosine", "After warm-up: cosine decay from lr to lr x final_lr over the remaining steps, or constant lr.")
+    final_lr: float = setting(0.1, "The cosine schedule's last learning rate, as a share of lr.", minimum=0, maximum=1)
+    validation: float = setting(0.1, "Share of the training split held out for validation: a fixed, seeded cut "
+                                "(the same for every seed and model) that picks the best checkpoint and judges "
+                                "convergence. Datasets drawn fresh per batch have a validation set of their own.",
+                                exclusiveMinimum=0, exclusiveMaximum=1)
+    evaluations: int = setting(50, "Validation ledgers during training, evenly spaced in steps (the last at the "
+                               "last step; at most one per step): the points of the training curves and of the "
+                               "best-checkpoint choice.", minimum=2)
+    converged_tol: float = setting(0.01, "A run has converged when its best validation neg_elbo improved by less "
+                                   "than this (nats per example) over the last 10% of its steps.", minimum=0)
     stack_seeds: bool = setting(False, "Train the seeds of one job as one stacked model (torch.func.vmap, each "
                                 "seed's noise from its own generator) rather than one after another. The same "
                                 "results; on a CPU no faster for small MLPs (tests/benchmarks/bench_seeds.py).")
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps >= self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be less than steps ({self.steps}); "
+                             "set train.warmup_steps below it")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import Tensor, nn
 
 from klbench.ledger import derived_quantities
@@ -40,8 +41,24 @@ def evaluate(model: nn.Module, family: Family, dataset: Dataset, config: EvalCon
     derived = derived_quantities(ledger.neg_elbo, dataset.dim, per_dim, entropy, diagnostics.nll_bound)
     if dataset.entropy is not None:
         derived["data_entropy_true"] = dataset.entropy
+    if family.density and dataset.kind == "continuous":
+        derived["gaussian_fit_nll"] = gaussian_fit_nll(dataset.x_train, dataset.x_test)
+    if family.density and dataset.on_support is not None:
+        from klbench.models.family import SCATTER_SAMPLES
+
+        diagnostics.values.update(dataset.on_support(model.sample(SCATTER_SAMPLES).cpu().double().numpy()))
     means = ledger.means()
     return Evaluation(
         {"terms": {name: means[name] for name in ledger.terms}, "derived": derived, "diagnostics": diagnostics.values},
         diagnostics.curves,
     )
+
+
+def gaussian_fit_nll(x_train: Tensor, x_test: Tensor) -> float:
+    """The reference a density model must beat: -mean log N(x_test; mu, Sigma), nats per example,
+    with mu and Sigma the maximum-likelihood fit (mean, biased covariance) to x_train."""
+    x_train, x_test = x_train.double(), x_test.double()
+    mu = x_train.mean(0)
+    sigma = torch.atleast_2d(torch.cov(x_train.T, correction=0))
+    fit = torch.distributions.MultivariateNormal(mu, covariance_matrix=sigma)
+    return -fit.log_prob(x_test).mean().item()

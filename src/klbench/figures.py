@@ -452,7 +452,7 @@ def curves(summary: pd.DataFrame, stem: Path, runs_dir: Path, options: dict[str,
 def training_curves(summary: pd.DataFrame, stem: Path, runs_dir: Path, options: dict[str, Any],
                     palette: dict[str, tuple]) -> dict[Path, str]:
     """history.csv of one family's runs: rows = dataset, columns = ledger term and -ELBO,
-    colour = model; test (solid, band over seeds) and train (dashed) in each panel."""
+    colour = model; validation (solid, band over seeds) and train (dashed) against optimizer steps."""
     written = {}
     colours = palette
     for family in summary["family"].unique():
@@ -470,27 +470,28 @@ def training_curves(summary: pd.DataFrame, stem: Path, runs_dir: Path, options: 
                 ax = axes[i * len(columns) + j]
                 for model in _models(frame):
                     runs = frame[frame["model"] == model]
-                    _line_band(ax, runs[runs["split"] == "test"], "epoch", column, colours[model], lw=1.4)
-                    train = runs[runs["split"] == "train"].groupby("epoch")[column].mean()
+                    _line_band(ax, runs[runs["split"] == "val"], "step", column, colours[model], lw=1.4)
+                    train = runs[runs["split"] == "train"].groupby("step")[column].mean()
                     ax.plot(train.index, train.to_numpy(), color=colours[model], ls="--", lw=0.8, alpha=0.8)
-                # the first epochs dwarf the rest: frame the last 90% of training
-                late = frame[frame["epoch"] >= max(2, 0.1 * frame["epoch"].max())][column].dropna()
+                # the first steps dwarf the rest: frame the last 90% of training
+                late = frame[frame["step"] >= 0.1 * frame["step"].max()][column].dropna()
                 if len(late):
                     low, high = late.min(), late.max()
                     pad = 0.08 * (high - low) or 0.05 * abs(high) or 0.1
                     ax.set_ylim(low - pad, high + pad)
                 ax.set_title(f"{dataset}: {column}" if column != "neg_elbo" else f"{dataset}: −ELBO", fontsize=10)
-                ax.set_xlabel("epoch")
+                ax.set_xlabel("optimizer step")
                 ax.set_ylabel(NATS + (" (labels)" if predicts else ""))
         handles = [_handle(plt, colours[m], m, marker="") for m in _models(history)]
-        handles += [_handle(plt, "0.3", "test (band: seed range)", marker=""),
+        handles += [_handle(plt, "0.3", "validation (band: seed range)", marker=""),
                     _handle(plt, "0.3", "train (mean over seeds)", marker="", ls="--", lw=0.8)]
         path = Path(stem)
-        _save(plt, fig, path, f"Training curves of the {family} family: ledger terms per epoch", handles, ncol=5)
-        written[path] = (f"Every ledger term of the {family} models per epoch on held-out data (solid, band: seed "
-                         "range) and training data (dashed), one row per dataset; the y-axis frames the last 90% "
-                         "of training, so early epochs may run off the top. A widening gap between dashed and "
-                         "solid lines is overfitting.")
+        _save(plt, fig, path, f"Training curves of the {family} family: ledger terms against steps", handles, ncol=5)
+        written[path] = (f"Every ledger term of the {family} models against optimizer steps on the validation split "
+                         "(solid, band: seed range) and training batches (dashed), one row per dataset; the y-axis "
+                         "frames the last 90% of training, so early steps may run off the top. A curve still "
+                         "falling at the right edge has not converged; a widening gap between dashed and solid "
+                         "lines is overfitting (the run keeps its best validation checkpoint).")
     return written
 
 

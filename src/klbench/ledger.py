@@ -49,7 +49,7 @@ class RunningMeans:
 
     Terms arrive with a leading seed axis, (S, B). One `.item()` per batch costs a
     synchronisation (and on CPU a Python round trip per term); summing into a tensor and
-    reading it once per epoch keeps the loop as fast as a bare PyTorch loop.
+    reading it once per evaluation keeps the loop as fast as a bare PyTorch loop.
     """
 
     def __init__(self) -> None:

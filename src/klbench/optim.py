@@ -14,6 +14,7 @@ CPU in every training process: a fixed cost as large as importing MLflow, spent 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -50,3 +51,19 @@ class Adam:
             amsgrad=False, lr=self.lr, beta1=self.beta1, beta2=self.beta2, weight_decay=0.0, eps=self.eps,
             maximize=False, grad_scale=None, found_inf=None,
         )
+
+
+def learning_rate(step: int, peak: float, steps: int, warmup_steps: int, schedule: str, final_lr: float) -> float:
+    """The learning rate of step t = 1..steps: linear warm-up, then cosine decay or constant.
+
+        warm-up (t <= W):  lr_t = peak t / W
+        cosine  (t > W):   lr_t = peak (f + (1 - f) (1 + cos(pi u)) / 2),  u = (t - W) / (steps - W)
+
+    with f = final_lr, so the last step trains at peak x f; "constant" keeps peak after warm-up.
+    """
+    if step <= warmup_steps:
+        return peak * step / warmup_steps
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup_steps) / (steps - warmup_steps)
+    return peak * (final_lr + (1 - final_lr) * 0.5 * (1 + math.cos(math.pi * progress)))

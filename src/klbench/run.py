@@ -19,8 +19,9 @@ from typing import Any
 
 import torch
 
+from klbench.batches import FreshDraws, Passes, data_generator
 from klbench.config import RunConfig
-from klbench.data import load_dataset
+from klbench.data import Dataset, load_dataset
 from klbench.errors import ConfigError, OutputError
 from klbench.evaluate import evaluate
 from klbench.models import get_family
@@ -28,7 +29,7 @@ from klbench.provenance import device_name, git_state, resolve_device, versions
 from klbench.seeds import OneSeed, StackedSeeds, generator_after
 from klbench.timing import PHASES, PhaseClock
 from klbench.tracking import RunTracker, flatten, resolve_tracking_uri
-from klbench.train import fit, seed_everything
+from klbench.train import Selection, fit, seed_everything
 
 # ledger.json holds only what the run computed, so that the same config, seed and thread
 # count give it byte for byte (`klbench verify`); wall-clock and CPU times go to timing.json.
@@ -137,7 +138,7 @@ def execute_runs(
     device = resolve_device(first.device)
     family = get_family(first.family)
     with clock.phase("data"):
-        dataset = load_dataset(first.dataset, **first.dataset_options)
+        dataset = load_dataset(first.dataset, **first.dataset_options).with_validation(first.train.validation)
     if not family.supports(dataset.kind, dataset.target):
         raise ConfigError(f"model family '{first.family}' cannot train on {first.dataset} "
                           f"({dataset.kind} data, targets: {dataset.target or 'none'})")
@@ -155,7 +156,7 @@ def execute_runs(
             tracker.start(store=trackers[0] if i else None)
         clock.add("store_open", trackers[0].open_seconds, trackers[0].open_cpu_seconds)
         train_tensors = tuple(t.to(device) for t in family.inputs(dataset, "train", first.params))
-        test_tensors = tuple(t.to(device) for t in family.inputs(dataset, "test", first.params))
+        val_tensors = tuple(t.to(device) for t in family.inputs(dataset, "val", first.params))
         models, states = [], []
         for run in runs:  # each seed starts from what it would start from alone
             seed_everything(run.seed)
@@ -167,18 +168,22 @@ def execute_runs(
             groups = [(list(range(len(runs))), StackedSeeds(models, generators, [run.seed for run in runs]))]
         else:
             groups = [([i], OneSeed(model, run.seed)) for i, (run, model) in enumerate(zip(runs, models))]
-        histories: dict[int, list] = {}
+        fits: dict[int, tuple[list, Selection]] = {}
         for members, group in groups:
             if not stacked:  # a lone seed draws from the global RNG: from where it stood after building it
                 torch.set_rng_state(states[members[0]])
-            histories.update(zip(members, train_group(group, members, runs, trackers, clock, train_tensors,
-                                                      test_tensors, progress)))
+            batches = batch_source(group, dataset, family, train_tensors, first.train.batch_size, device)
+            fits.update(zip(members, train_group(group, members, runs, trackers, clock, batches, val_tensors,
+                                                 progress)))
             for i, model in zip(members, group.models()):
                 models[i] = model
+        training = {"data": "fresh draws per batch" if isinstance(batches, FreshDraws) else "passes over the "
+                    "training split" + (" (inputs redrawn per batch)" if dataset.redraw is not None else ""),
+                    "epochs": batches.epochs(first.train.steps)}
         # which seeds shared this process, and whether they trained stacked: what `verify` re-runs
         job = {"job_seeds": [run.seed for run in runs], "stacked": stacked}
         for i, (run, output, tracker) in enumerate(zip(runs, outputs, trackers)):
-            ledgers.append(evaluate_run(run, family, dataset, models[i], histories[i], output.staging, tracker,
+            ledgers.append(evaluate_run(run, family, dataset, models[i], fits[i], training, output.staging, tracker,
                                         {**provenance, **job}, clock, i))
         # every file but timing.json is logged before it is written, so that it counts that
         # logging too; it is the only cost it leaves out, with closing the run
@@ -212,23 +217,33 @@ def execute_runs(
     return ledgers
 
 
+def batch_source(group: OneSeed | StackedSeeds, dataset: Dataset, family, train_tensors: tuple, batch_size: int,
+                 device: torch.device) -> Passes | FreshDraws:
+    """Fresh draws where the dataset has a sampler and the family can use them, else passes over the split."""
+    generators = [data_generator(seed) for seed in group.seeds]
+    if dataset.sampler is not None and family.infinite_data:
+        return FreshDraws(group, dataset.sampler, batch_size, family.targets is not None, generators, device)
+    return Passes(group, train_tensors, batch_size, dataset.redraw, generators)
+
+
 def train_group(group: OneSeed | StackedSeeds, members: list[int], runs: list[RunConfig], trackers: list[RunTracker],
-                clock: PhaseClock, train_tensors: tuple, test_tensors: tuple, progress: bool | None) -> list[list]:
-    """Fit one group of the job's seeds, with live per-seed metrics; return each seed's history."""
+                clock: PhaseClock, batches: Passes | FreshDraws, val_tensors: tuple,
+                progress: bool | None) -> list[tuple[list, Selection]]:
+    """Fit one group of the job's seeds, with live per-seed metrics; return each seed's history and selection."""
     config = runs[members[0]].train
 
-    def on_epoch(epoch: int, per_seed: list[dict[str, dict[str, float]]]) -> None:
+    def on_eval(step: int, per_seed: list[dict[str, dict[str, float]]]) -> None:
         for i, means in zip(members, per_seed):
             trackers[i].log_metrics({f"{split}/{k}": v for split, values in means.items() for k, v in values.items()},
-                                    step=epoch)
-        if not progress and "test" in per_seed[0]:
-            _log_line(f"epoch {epoch}/{config.epochs}  " + "  ".join(
-                f"seed{runs[i].seed} train {m['train']['neg_elbo']:.4f} test {m['test']['neg_elbo']:.4f}"
+                                    step=step)
+        if not progress:
+            _log_line(f"step {step}/{config.steps}  " + "  ".join(
+                f"seed{runs[i].seed} train {m['train']['neg_elbo']:.4f} val {m['val']['neg_elbo']:.4f}"
                 for i, m in zip(members, per_seed)))
 
     logged = [(trackers[i].seconds, trackers[i].cpu_seconds) for i in members]
     wall, cpu = time.perf_counter(), time.process_time()
-    histories = fit(group, train_tensors, test_tensors, config, on_epoch=on_epoch, progress=progress)
+    histories, selections = fit(group, batches, val_tensors, config, on_eval=on_eval, progress=progress)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     # training time less the MLflow logging done inside it (which counts as each run's logging)
     for i, (before_wall, before_cpu) in zip(members, logged):
@@ -236,12 +251,14 @@ def train_group(group: OneSeed | StackedSeeds, members: list[int], runs: list[Ru
         cpu -= trackers[i].cpu_seconds - before_cpu
     for i in members:
         clock.add("train", wall / len(members), cpu / len(members), run=i)
-    return histories
+    return list(zip(histories, selections))
 
 
-def evaluate_run(run: RunConfig, family, dataset, model, history: list, staging: Path, tracker: RunTracker,
-                 provenance: dict[str, Any], clock: PhaseClock, index: int) -> dict[str, Any]:
+def evaluate_run(run: RunConfig, family, dataset, model, fitted: tuple[list, Selection], training: dict[str, Any],
+                 staging: Path, tracker: RunTracker, provenance: dict[str, Any], clock: PhaseClock,
+                 index: int) -> dict[str, Any]:
     """Write one trained run's files into its staging folder and log its test metrics; return its ledger."""
+    history, selection = fitted
     torch.save(model.state_dict(), staging / "model.pt")
     write_history(staging / "history.csv", history)
     write_json(staging / "config.json", run.to_dict())
@@ -254,8 +271,8 @@ def evaluate_run(run: RunConfig, family, dataset, model, history: list, staging:
     final_train = next(row for row in reversed(history) if row["split"] == "train")
     tracker.log_metrics(
         {**metrics_of("test", result["terms"]), **metrics_of("test", result["derived"]),
-         **metrics_of("test", result["diagnostics"])},
-        step=run.train.epochs,
+         **metrics_of("test", result["diagnostics"]), **metrics_of("train", selection.to_dict())},
+        step=run.train.steps,
     )
     tracker.log_curves({f"test/curve/{name}": values for name, values in evaluation.curves.items()})
     write_json(staging / "mlflow.json", tracker.describe())
@@ -269,8 +286,11 @@ def evaluate_run(run: RunConfig, family, dataset, model, history: list, staging:
                 "task": ranks[0].task, "ranks": [dataclasses.asdict(r) for r in ranks],
                 "headline": list(family.headline), **provenance},
         **result,
-        "train": {"epochs": run.train.epochs, "parameters": sum(p.numel() for p in model.parameters()),
-                  "final": {k: v for k, v in final_train.items() if k not in ("epoch", "split", "wall_time")}},
+        "train": {"steps": run.train.steps, **training, "batch_size": run.train.batch_size,
+                  "parameters": sum(p.numel() for p in model.parameters()), **selection.to_dict(),
+                  "converged_tol": run.train.converged_tol,
+                  "final": {k: v for k, v in final_train.items() if k not in ("step", "split", "lr", "wall_time")},
+                  "best_val": selection.best},
     }
     write_json(staging / "ledger.json", ledger)
     return ledger

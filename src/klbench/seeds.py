@@ -36,6 +36,7 @@ from klbench.errors import ConfigError
 from klbench.ledger import Ledger
 
 EVAL_BATCH = 1000
+EVALUATION_STREAM = 1_000_003  # offset of the evaluation noise seed from the training seed
 # what the replay can draw: (function, kind), where a _like function takes its shape from a tensor
 DRAWS: dict[Callable, str] = {torch.randn: "normal", torch.randn_like: "normal", torch.rand: "uniform",
                               torch.rand_like: "uniform"}
@@ -114,6 +115,13 @@ class _Method(nn.Module):
         return getattr(self.model, method)(*args, **kwargs)
 
 
+def evaluation_seed(seed: int) -> int:
+    """Seed of the noise every validation ledger of a training seed uses: the same draws at
+    every evaluation, so that two checkpoints differ by the model, not by Monte Carlo noise,
+    and evaluating never moves the training RNG."""
+    return seed + EVALUATION_STREAM
+
+
 def generator_after(seed_state: Tensor, device: torch.device) -> torch.Generator:
     """A generator on `device` in the state the global RNG was in (CPU: exactly that state)."""
     generator = torch.Generator(device=device)
@@ -126,6 +134,8 @@ def generator_after(seed_state: Tensor, device: torch.device) -> torch.Generator
 
 class OneSeed:
     """One model; its noise (minibatch order included) comes from the global RNG the caller set."""
+
+    stacked = False
 
     def __init__(self, model: nn.Module, seed: int) -> None:
         self.model, self.seeds, self.size = model, [seed], 1
@@ -145,7 +155,17 @@ class OneSeed:
 
     @torch.no_grad()
     def held_out(self, tensors: tuple[Tensor, ...], samples: int) -> list[Ledger]:
-        return [held_out_ledger(self.model, tensors, samples)]
+        """The split's ledger with the seed's fixed evaluation noise (module docstring)."""
+        device = tensors[0].device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(evaluation_seed(self.seeds[0]))
+            return [held_out_ledger(self.model, tensors, samples)]
+
+    def snapshot(self, index: int) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def restore(self, index: int, snapshot: dict[str, Tensor]) -> None:
+        self.model.load_state_dict(snapshot)
 
     def train(self, mode: bool = True) -> None:
         self.model.train(mode)
@@ -156,6 +176,8 @@ class OneSeed:
 
 class StackedSeeds:
     """S models of one architecture trained as one: stacked parameters, vmapped methods, per-seed noise."""
+
+    stacked = True
 
     def __init__(self, models: Sequence[nn.Module], generators: Sequence[torch.Generator], seeds: Sequence[int]) -> None:
         self._models, self.generators, self.seeds, self.size = list(models), list(generators), list(seeds), len(models)
@@ -198,16 +220,30 @@ class StackedSeeds:
 
     @torch.no_grad()
     def held_out(self, tensors: tuple[Tensor, ...], samples: int) -> list[Ledger]:
-        """Every seed's unweighted ledger of a split, in batches (each seed sees the same examples)."""
+        """Every seed's unweighted ledger of a split, in batches (each seed sees the same examples),
+        with each seed's fixed evaluation noise."""
         n = tensors[0].shape[0]
         was_training = self._base.training
         self.train(False)
+        training_generators = self.generators
+        self.generators = [torch.Generator(device=g.device).manual_seed(evaluation_seed(seed))
+                           for g, seed in zip(training_generators, self.seeds)]
         parts = [self._call("ledger_terms", tuple(chunk.expand(self.size, *chunk.shape)
                                                   for chunk in (t[i : i + EVAL_BATCH] for t in tensors)),
                             samples=samples)
                  for i in range(0, n, EVAL_BATCH)]
+        self.generators = training_generators
         self.train(was_training)
         return [Ledger.cat([Ledger({k: v[s] for k, v in part.items()}) for part in parts]) for s in range(self.size)]
+
+    def snapshot(self, index: int) -> dict[str, Tensor]:
+        """Seed `index`'s slice of the stacked weights, copied."""
+        return {k: v[index].detach().clone() for k, v in {**self.params, **self.buffers}.items()}
+
+    @torch.no_grad()
+    def restore(self, index: int, snapshot: dict[str, Tensor]) -> None:
+        for k, v in {**self.params, **self.buffers}.items():
+            v[index].copy_(snapshot[k])
 
     def train(self, mode: bool = True) -> None:
         self._base.train(mode)

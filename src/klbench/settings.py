@@ -82,7 +82,7 @@ def defaults_of(cls: type) -> dict[str, Any]:
 
 
 def describe_schema_error(error: Any, where: str = "") -> str:
-    """One line naming the key, e.g. "config key 'train.epochs': -1 is less than the minimum of 1"."""
+    """One line naming the key, e.g. "config key 'train.steps': -1 is less than the minimum of 1"."""
     import re
 
     path = ".".join([where] * bool(where) + [str(p) for p in error.absolute_path]) or "(top level)"

@@ -2,7 +2,8 @@
 
 Conventions (DESIGN.md): one experiment per model family; run name
 `{dataset}/{model}/seed{seed}`; tags for provenance; params = the flattened run config;
-metrics `{split}/{term}` with step = epoch, sent in one batch per epoch; artifacts = the
+metrics `{split}/{term}` (split train, val or test) with step = optimizer step, sent in
+batches; artifacts = the
 run directory. A re-run of a run key marks the older FINISHED runs superseded, and a run
 left RUNNING by a killed job is closed as KILLED when its key starts again.
 """
@@ -21,8 +22,8 @@ SUPERSEDED_TAG = "klbench.superseded"
 # MLflow's per-request limits of log_batch.
 MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH = 1000, 100
 # Metrics are buffered and written at most this often (and at the end): with 8 jobs
-# sharing one SQLite file each write waits for the others' locks, so writes per epoch
-# would cost more than short epochs; every few seconds still shows live curves in the UI.
+# sharing one SQLite file each write waits for the others' locks, so a write per
+# evaluation would cost more than short evaluation intervals; every few seconds still shows live curves in the UI.
 FLUSH_SECONDS = 5.0
 
 # Quiet MLflow's INFO chatter in job logs, unless the user asked for it.

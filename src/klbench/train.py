@@ -2,30 +2,41 @@
 
 A family's model provides `loss(*batch) -> (objective, terms)` and
 `ledger_terms(*batch, samples) -> terms`; this loop trains a group of seeds of it (one
-model, or several stacked: seeds.py) and does the rest: Adam,
-shuffled minibatches from in-memory tensors, per-epoch train and held-out ledgers,
-non-finite-loss detection, a progress bar when someone is watching.
+model, or several stacked: seeds.py) for a budget of optimizer steps and does the rest:
+Adam with warm-up and a decaying learning rate (optim.py), batches from a source
+(batches.py: passes over a split, or fresh draws), periodic validation ledgers, the choice
+of the best checkpoint, the convergence verdict, non-finite-loss detection and a progress
+bar when someone is watching.
+
+Model selection sees only the validation split: every seed keeps the weights of its
+evaluation with the lowest validation neg_elbo (`Selection`); the test split is scored once,
+after training, by the caller. A run has converged when its best validation neg_elbo
+improved by less than train.converged_tol over the last 10% of its steps.
 
 The hot path has no per-batch host sync: term sums stay on the device (RunningMeans)
-and the finiteness check is on the epoch's summed objective, both read once per epoch.
+and the finiteness check is on the summed objective, both read once per evaluation.
 """
 
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from klbench.batches import Batch
 from klbench.config import TrainConfig
 from klbench.errors import TrainingError
 from klbench.ledger import RunningMeans
-from klbench.optim import Adam
+from klbench.optim import Adam, learning_rate
 from klbench.seeds import OneSeed, StackedSeeds, held_out_ledger
 
-__all__ = ["fit", "held_out_ledger", "seed_everything"]
+__all__ = ["CONVERGENCE_WINDOW", "Selection", "evaluation_steps", "fit", "fit_model", "held_out_ledger", "seed_everything"]
+
+CONVERGENCE_WINDOW = 0.1  # the share of the last steps over which convergence is judged
 
 
 def seed_everything(seed: int) -> None:
@@ -34,64 +45,123 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class Selection:
+    """What the validation split decided for one seed: the step whose weights are kept, its
+    validation means, and the convergence verdict (module docstring)."""
+
+    best_step: int
+    best: dict[str, float]
+    improvement: float  # best validation neg_elbo before the last 10% of steps minus the best within them
+    converged: bool
+
+    @classmethod
+    def judge(cls, curve: list[tuple[int, dict[str, float]]], steps: int, tol: float) -> "Selection":
+        """The selection from (step, validation means) at every evaluation."""
+        best_step, best = min(curve, key=lambda point: point[1]["neg_elbo"])
+        boundary = steps * (1 - CONVERGENCE_WINDOW)
+        before = min(m["neg_elbo"] for step, m in curve if step <= boundary)
+        within = min((m["neg_elbo"] for step, m in curve if step > boundary), default=before)
+        return cls(best_step, best, before - within, before - within < tol)
+
+    def to_dict(self) -> dict[str, float | int | bool]:
+        return {"best_step": self.best_step, "converged": self.converged,
+                "improvement_last_10pct": self.improvement, "best_val_neg_elbo": self.best["neg_elbo"]}
+
+
+def evaluation_steps(config: TrainConfig) -> list[int]:
+    """The steps after which the loop evaluates: `evaluations` of them (at most one per step),
+    evenly spaced, the last last."""
+    return sorted({round(config.steps * k / config.evaluations) for k in range(1, config.evaluations + 1)})
+
+
 def fit(
     group: OneSeed | StackedSeeds,
-    train: tuple[Tensor, ...],
-    test: tuple[Tensor, ...],
+    batches: Iterable[Batch],
+    validation: tuple[Tensor, ...],
     config: TrainConfig,
-    on_epoch: Callable[[int, list[dict[str, dict[str, float]]]], None] | None = None,
+    on_eval: Callable[[int, list[dict[str, dict[str, float]]]], None] | None = None,
     progress: bool | None = None,
-) -> list[list[dict[str, float | int | str]]]:
-    """Train a group of seeds with Adam; return each seed's history rows (epoch, split,
-    terms, neg_elbo, wall_time).
+) -> tuple[list[list[dict[str, float | int | str]]], list[Selection]]:
+    """Train a group of seeds for config.steps Adam steps; leave each seed at its best
+    validation checkpoint. Return each seed's history rows (step, split, lr, terms, neg_elbo,
+    wall_time; split "train" averages the steps since the previous evaluation) and Selection.
 
-    The caller seeds the RNGs. `on_epoch(epoch, [{"train": means, "test": means}, ...])`
-    is called after each epoch with one entry per seed (the test entry only on evaluation
-    epochs). Raises TrainingError, naming the seed, on a non-finite loss.
+    The caller seeds the RNGs. `on_eval(step, [{"train": means, "val": means}, ...])` is called
+    at every evaluation with one entry per seed. Raises TrainingError, naming the seed, on a
+    non-finite loss.
     """
     seeds = group.seeds
     optimizer = Adam(group.parameters(), lr=config.lr)  # fused: one kernel per step for all parameters
-    n, device = train[0].shape[0], train[0].device
+    device = validation[0].device
     if progress is None:
         progress = sys.stderr.isatty()
     histories: list[list[dict[str, float | int | str]]] = [[] for _ in range(group.size)]
-    start = time.perf_counter()
-    epochs = range(1, config.epochs + 1)
+    curves: list[list[tuple[int, dict[str, float]]]] = [[] for _ in range(group.size)]
+    best: list[tuple[float, dict[str, Tensor]] | None] = [None] * group.size
+    checkpoints = set(evaluation_steps(config))
+    bar = None
     if progress:
         from tqdm import tqdm
 
         label = f"train seed{seeds[0]}" if len(seeds) == 1 else f"train seeds {','.join(map(str, seeds))}"
-        epochs = tqdm(epochs, desc=label, unit="epoch", leave=False)
+        bar = tqdm(total=config.steps, desc=label, unit="step", leave=False)
+    start, done = time.perf_counter(), 0
+    running = RunningMeans()
+    # a NaN/inf objective in any batch makes its seed's sum non-finite: one check per evaluation
+    objective_sum = torch.zeros(group.size, device=device)
     group.train()
-    for epoch in epochs:
-        running = RunningMeans()
-        # a NaN/inf objective in any batch makes its seed's sum non-finite: one check per epoch
-        objective_sum = torch.zeros(group.size, device=device)
-        batches = group.permutations(n, device).split(config.batch_size, dim=1)
-        for batch_index, rows in enumerate(batches):
-            objective, terms = group.loss(group.rows(train, rows), batch_index=batch_index, num_batches=len(batches))
-            optimizer.zero_grad()
-            objective.sum().backward()
-            optimizer.step()
-            running.add(terms)
-            objective_sum += objective.detach()
+    for step, (batch, index, per_pass) in zip(range(1, config.steps + 1), batches):
+        optimizer.lr = learning_rate(step, config.lr, config.steps, config.warmup_steps, config.schedule,
+                                     config.final_lr)
+        objective, terms = group.loss(batch, batch_index=index, num_batches=per_pass)
+        optimizer.zero_grad()
+        objective.sum().backward()
+        optimizer.step()
+        running.add(terms)
+        objective_sum += objective.detach()
+        if step not in checkpoints:
+            continue
         finite = torch.isfinite(objective_sum).tolist()
         if not all(finite):
-            raise TrainingError(f"training loss became NaN/inf in epoch {epoch} (seed {seeds[finite.index(False)]}); "
+            raise TrainingError(f"training loss became NaN/inf by step {step} (seed {seeds[finite.index(False)]}); "
                                 f"lower train.lr (now {config.lr:g}) or check the data")
         means = [{"train": values} for values in running.means()]
-        if epoch % config.eval_every == 0 or epoch == config.epochs:
-            for seed, entry, ledger in zip(seeds, means, group.held_out(test, samples=1)):
-                entry["test"] = ledger.means()
-                if not all(np.isfinite(v) for v in entry["test"].values()):
-                    raise TrainingError(f"held-out ledger is NaN/inf after epoch {epoch} (seed {seed}); "
-                                        f"lower train.lr (now {config.lr:g})")
+        running, objective_sum = RunningMeans(), torch.zeros(group.size, device=device)
+        for s, (entry, ledger) in enumerate(zip(means, group.held_out(validation, samples=1))):
+            entry["val"] = ledger.means()
+            if not all(np.isfinite(v) for v in entry["val"].values()):
+                raise TrainingError(f"validation ledger is NaN/inf at step {step} (seed {seeds[s]}); "
+                                    f"lower train.lr (now {config.lr:g})")
+            curves[s].append((step, entry["val"]))
+            if best[s] is None or entry["val"]["neg_elbo"] < best[s][0]:
+                best[s] = (entry["val"]["neg_elbo"], group.snapshot(s))
+        group.train()
         wall = time.perf_counter() - start
         for history, entry in zip(histories, means):
             for split, values in entry.items():
-                history.append({"epoch": epoch, "split": split, **values, "wall_time": wall})
-        if progress:
-            epochs.set_postfix(neg_elbo=f"{means[0]['train']['neg_elbo']:.3f}")
-        if on_epoch is not None:
-            on_epoch(epoch, means)
-    return histories
+                history.append({"step": step, "split": split, "lr": optimizer.lr, **values, "wall_time": wall})
+        if bar is not None:
+            bar.update(step - done)
+            bar.set_postfix(val_neg_elbo=f"{means[0]['val']['neg_elbo']:.3f}")
+        done = step
+        if on_eval is not None:
+            on_eval(step, means)
+    if bar is not None:
+        bar.close()
+    for s, (_, weights) in enumerate(best):
+        group.restore(s, weights)
+    group.train(False)
+    return histories, [Selection.judge(curve, config.steps, config.converged_tol) for curve in curves]
+
+
+def fit_model(model: torch.nn.Module, train: tuple[Tensor, ...], validation: tuple[Tensor, ...], config: TrainConfig,
+              seed: int = 0, progress: bool | None = False) -> tuple[list[dict[str, float | int | str]], Selection]:
+    """Train one model on passes over in-memory tensors (global RNG from its current state);
+    return its history and selection. The model ends at its best validation checkpoint."""
+    from klbench.batches import Passes
+
+    group = OneSeed(model, seed)
+    (history,), (selection,) = fit(group, Passes(group, train, config.batch_size), validation, config,
+                                   progress=progress)
+    return history, selection

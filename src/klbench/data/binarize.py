@@ -1,4 +1,5 @@
-"""Static binarization of grey-level images: one fixed draw of Bernoulli pixels, reused forever."""
+"""Binarization of grey-level images: static (one fixed draw of Bernoulli pixels, reused forever)
+or dynamic (a fresh draw for every training batch, Burda et al. 2016's protocol)."""
 
 from __future__ import annotations
 
@@ -17,3 +18,8 @@ def binarize(pixels: np.ndarray, generator: torch.Generator) -> torch.Tensor:
     """
     probability = torch.from_numpy(pixels.astype(np.float32)) / 255.0
     return (torch.rand(probability.shape, generator=generator) < probability).float()
+
+
+def redraw_bernoulli(intensity: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Dynamic binarization of a batch: x_bin = 1[u < intensity], u ~ U(0, 1), intensity in [0, 1]."""
+    return (torch.rand(intensity.shape, generator=generator) < intensity).float()

@@ -8,11 +8,12 @@ train/test split is kept; `n_train`/`n_test` take the first n images of each.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
-from klbench.data.binarize import BINARIZE_SEED, binarize
+from klbench.data.binarize import BINARIZE_SEED, binarize, redraw_bernoulli
 from klbench.data.dataset import Dataset, hash_tensors
 from klbench.data.idx import find_idx, read_idx
 from klbench.data.split import check_count, generators
@@ -35,7 +36,13 @@ def _read_part(name: str, directory: Path, part: str) -> tuple[np.ndarray, np.nd
     return images, labels
 
 
-def _load(name: str, path: str | Path | None, n_train: int | None, n_test: int | None) -> Dataset:
+BINARIZATIONS = ("static", "dynamic")
+
+
+def _load(name: str, path: str | Path | None, n_train: int | None, n_test: int | None, binarization: str) -> Dataset:
+    if binarization not in BINARIZATIONS:
+        raise DataError(f"dataset '{name}': option 'binarization' must be one of {', '.join(BINARIZATIONS)}, "
+                        f"got {binarization!r}")
     if path is None:
         raise DataError(f"dataset '{name}' needs the folder of its IDX files: set datasets.{name}.options.path in the config")
     directory = Path(path).expanduser()
@@ -55,25 +62,34 @@ def _load(name: str, path: str | Path | None, n_train: int | None, n_test: int |
     for (part, (images, labels)), generator in zip(parts.items(), generators(BINARIZE_SEED, 2)):
         x[part] = binarize(images.reshape(len(images), -1), generator)[: counts[part]]
         y[part] = torch.from_numpy(labels[: counts[part]].astype(np.int64))
+    how = "static Bernoulli(x/255) binarization"
+    if binarization == "dynamic":  # training batches are redrawn from the intensities; test stays static
+        x["train"] = torch.from_numpy(parts["train"][0][: counts["train"]].reshape(counts["train"], -1)
+                                      .astype(np.float32)) / 255.0
+        how = "dynamic binarization of training batches (Bernoulli(x/255) per batch), static test"
     return Dataset(
         name=name, kind="binary", x_train=x["train"], x_test=x["test"], shape=tuple(train_images.shape[1:]),
         split={"n_train": counts["train"], "n_test": counts["test"], "seed": None,
-               "how": "official train/t10k files, first n of each (no shuffling); static Bernoulli(x/255) binarization",
-               "binarize_seed": BINARIZE_SEED},
+               "how": f"official train/t10k files, first n of each (no shuffling); {how}",
+               "binarization": binarization, "binarize_seed": BINARIZE_SEED},
         data_hash=hash_tensors(x["train"], x["test"], y["train"], y["test"]),
-        y_train=y["train"], y_test=y["test"],
+        y_train=y["train"], y_test=y["test"], redraw=redraw_bernoulli if binarization == "dynamic" else None,
     )
 
 
-def mnist(path: str | None = None, n_train: int | None = None, n_test: int | None = None) -> Dataset:
-    """MNIST (60,000 train / 10,000 test, 28x28) from IDX files in `path`, statically binarized.
+def mnist(path: str | None = None, n_train: int | None = None, n_test: int | None = None,
+          binarization: Literal["static", "dynamic"] = "static") -> Dataset:
+    """MNIST (60,000 train / 10,000 test, 28x28) from IDX files in `path`, binarized.
 
-    x_bin = Bernoulli(x / 255), drawn once per pixel with fixed generators (one per split), so
-    every call returns the same bits. kind "binary".
+    static: x_bin = Bernoulli(x / 255), drawn once per pixel with fixed generators (one per
+    split), so every call returns the same bits. dynamic: the training split keeps x / 255 and
+    every training batch draws its bits afresh (Burda et al. 2016); test (and validation) bits
+    are drawn once, as for static. kind "binary".
     """
-    return _load("mnist", path, n_train, n_test)
+    return _load("mnist", path, n_train, n_test, binarization)
 
 
-def fashion_mnist(path: str | None = None, n_train: int | None = None, n_test: int | None = None) -> Dataset:
+def fashion_mnist(path: str | None = None, n_train: int | None = None, n_test: int | None = None,
+                  binarization: Literal["static", "dynamic"] = "static") -> Dataset:
     """Fashion-MNIST (60,000 train / 10,000 test, 28x28) from IDX files in `path`; binarized like mnist."""
-    return _load("fashion_mnist", path, n_train, n_test)
+    return _load("fashion_mnist", path, n_train, n_test, binarization)

@@ -414,4 +414,5 @@ FAMILY = Family(
     run_figure=run_figure,
     headline=("test_log_lik", "accuracy", "ece", "rmse", "rmse_original", "test_log_lik_original", "entropy_in",
               "entropy_ood"),
+    infinite_data=False,  # the complexity is KL / N_train
 )

@@ -116,6 +116,10 @@ class Family:
         (ledger bars, training curves and, for density models, sample grids).
     headline: diagnostics shown beside the terms in the Markdown ledger tables.
     inputs(dataset, split, config) -> the batch tensors of a split (default: (x,) or (x, y)).
+    infinite_data: whether its training objective is a per-example expectation, so that it can
+        train on fresh draws of the data where a dataset has a sampler (infinite data). False
+        for an objective that depends on the training set's size N (BBB's KL / N, M2's share of
+        labels): it trains on the dataset's finite training split.
     """
 
     name: str
@@ -131,6 +135,7 @@ class Family:
     figures: tuple[Figure, ...] = ()
     headline: tuple[str, ...] = ()
     inputs: Callable[[Dataset, str, Any], tuple[Tensor, ...]] | None = None
+    infinite_data: bool = True
 
     def __post_init__(self) -> None:
         if self.inputs is None:

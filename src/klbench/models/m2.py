@@ -310,4 +310,5 @@ FAMILY = Family(
     evaluate=ClassifierEvalConfig,
     headline=("accuracy", "test_log_lik", "ece"),
     inputs=inputs,
+    infinite_data=False,  # a fixed set of labelled examples among N_train
 )

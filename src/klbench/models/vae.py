@@ -271,5 +271,5 @@ FAMILY = Family(
             "title": "Rate-distortion plane of the VAE variants (test set)"}),
         Figure("iwae_vs_k", "bound_vs_k", {"column": "iwae_nll"}),
     ),
-    headline=("mutual_info", "marginal_kl", "active_units"),
+    headline=("mutual_info", "marginal_kl", "active_units", "on_support", "modes_covered"),
 )

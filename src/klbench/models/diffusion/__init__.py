@@ -210,5 +210,6 @@ FAMILY = Family(
                     "range): where a curve is high is where the model pays most of its diffusion-term nats. DDPM "
                     "panels show KL_t per timestep t, VDM panels the loss per unit log-SNR; their areas, not "
                     "their heights, compare.")}),),
+    headline=("on_support", "modes_covered"),
 )
 
