@@ -70,6 +70,6 @@ def train_for_epochs(model, train, validation, epochs: int, batch_size: int, lr:
     from klbench.train import fit_model
 
     steps = epochs * math.ceil(len(train[0]) / batch_size)
-    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=0, schedule="constant",
+    config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=0, schedule="constant",
                          evaluations=min(evaluations, steps))
     return fit_model(model, train, validation, config)

@@ -141,7 +141,7 @@ def test_seeds_given_as_strings_on_the_command_line_are_integers(default):
         (lambda c: c["train"].update(steps=-1), "config key 'train.steps'"),
         (lambda c: c["train"].update(steps="ten"), "config key 'train.steps'"),
         (lambda c: c["train"].update(epochs=40), "unknown config key 'train.epochs'"),
-        (lambda c: c["train"].update(steps=50, warmup_steps=50), "warmup_steps (50) must be less than steps"),
+        (lambda c: c["train"].update(warmup=1), "config key 'train.warmup'"),
         (lambda c: c["train"].update(lr=0), "config key 'train.lr'"),
         (lambda c: c["train"].update(batch_size=0), "config key 'train.batch_size': 0 is less than the minimum of 1"),
         (lambda c: c["families"]["diffusion"]["train"].update(lr=-1), "config key 'families.diffusion.train.lr'"),

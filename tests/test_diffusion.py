@@ -495,7 +495,7 @@ def test_a_diffusion_run_writes_its_ledger_curve_and_figures(repo, tmp_path, mon
     raw["models"]["vdm-learned"] = {"family": "diffusion", "params": {"process": "vdm", "schedule": "learned",
                                                                       "objective": "vlb"}}
     raw["datasets"]["checkerboard"] = {"options": {"n_train": 500, "n_test": 200}}
-    raw["train"].update(steps=8, warmup_steps=2)
+    raw["train"]["steps"] = 8
     run = resolve_run(validate_config(raw), "checkerboard", "vdm-learned", 0)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     init_store(uri, ["diffusion"])

@@ -76,7 +76,7 @@ def gauss_config(repo, **params):
     raw["seeds"] = [0, 1]
     raw["baselines"] = {}
     raw["datasets"]["checkerboard"] = {"options": {"n_train": 400, "n_test": 200}, "evaluate": {"iwae_examples": 50}}
-    raw["train"] = {"steps": 40, "warmup_steps": 0, "batch_size": 400, "lr": 0.05}
+    raw["train"] = {"steps": 40, "warmup": 0, "batch_size": 400, "lr": 0.05}
     raw["families"]["vae"]["train"] = {"steps": 2}
     raw["families"]["vae"]["evaluate"] = {"iwae_k": [1, 4]}
     return validate_config(raw)

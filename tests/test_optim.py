@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from klbench.optim import Adam
@@ -40,7 +41,32 @@ def test_a_training_step_does_not_import_torch_dynamo():
     script = ("import sys, torch\nfrom klbench.config import TrainConfig\nfrom klbench.models.vae import VAE, Config\n"
               "from klbench.train import fit_model\n"
               "model = VAE(Config(latent_dim=2, hidden=[8]), 2, 'continuous')\nx = torch.randn(64, 2)\n"
-              "fit_model(model, (x,), (x,), TrainConfig(steps=4, warmup_steps=1, batch_size=32))\n"
+              "fit_model(model, (x,), (x,), TrainConfig(steps=4, batch_size=32))\n"
               "print('torch._dynamo' in sys.modules)\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_the_learning_rate_warms_up_then_decays_as_documented():
+    from klbench.optim import learning_rate
+
+    lr = lambda t, schedule="cosine": learning_rate(t, 1e-3, 1100, 100, schedule, 0.1)  # noqa: E731
+    assert [lr(t) for t in (1, 50, 100)] == pytest.approx([1e-5, 5e-4, 1e-3])  # linear warm-up
+    assert lr(600) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half-way down the cosine
+    assert lr(1100) == pytest.approx(1e-4)  # the last step trains at final_lr x lr
+    rates = [lr(t) for t in range(100, 1101)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    assert lr(700, "constant") == 1e-3
+
+
+def test_the_burda_schedule_has_eight_stages_of_3_to_the_i_over_3280_of_the_steps():
+    from klbench.optim import learning_rate
+
+    steps = 3280 * 10
+    rates = [learning_rate(t, 1e-3, steps, 0, "burda", 0.0) for t in range(1, steps + 1)]
+    stages = [10 * 3**i for i in range(8)]  # steps per stage: 10 x 3^i
+    start = 0
+    for i, length in enumerate(stages):
+        assert rates[start:start + length] == pytest.approx([1e-3 * 10 ** (-i / 7)] * length), i
+        start += length
+    assert start == steps

@@ -23,6 +23,7 @@ from conftest import run_snakemake
 from klbench.config import expand_models, load_config, resolve_run, run_grid, validate_config
 from klbench.figures import plan_figures
 from klbench.models import FAMILIES, get_family
+from klbench.train import evaluation_steps
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +72,11 @@ def test_every_run_directory_is_complete_and_its_ledger_adds_up(smoke):
         assert all(math.isfinite(v) for v in terms.values())
         assert derived["neg_elbo"] == pytest.approx(sum(terms.values()), rel=1e-9)
         history = pd.read_csv(run_dir / "history.csv")
-        assert history["epoch"].max() == resolve_run(config, dataset, model, seed).train.epochs
+        train = resolve_run(config, dataset, model, seed).train
+        assert list(history.loc[history["split"] == "val", "step"]) == evaluation_steps(train)
+        assert ledger["train"]["steps"] == train.steps and ledger["train"]["best_step"] in evaluation_steps(train)
+        assert isinstance(ledger["train"]["converged"], bool)
+        assert "validation" in ledger["run"]["split"]  # the split the checkpoint was chosen on is recorded
         assert (history["neg_elbo"] - history[list(terms)].sum(axis=1)).abs().max() < 1e-6
         assert (run_dir / "samples.npz").exists() == FAMILIES[family].density  # density models only
         if family == "vae":
@@ -130,14 +135,15 @@ def test_mlflow_store_holds_one_finished_run_per_run_key_with_metrics(smoke):
         assert {"dataset", "model", "seed", "family", "git_commit", "git_dirty", "config_hash", "data_hash",
                 "version.torch", "version.mlflow", "version.snakemake", "device"} <= set(run.data.tags)
         dataset, model, seed = run.info.run_name.split("/")
-        epochs = resolve_run(config, dataset, model, int(seed.removeprefix("seed"))).train.epochs
-        assert run.data.params["train.epochs"] == str(epochs)
+        train = resolve_run(config, dataset, model, int(seed.removeprefix("seed"))).train
+        assert run.data.params["train.steps"] == str(train.steps)
         ledger = json.loads((workdir / "results" / "runs" / run.info.run_name / "ledger.json").read_text())
         first_term = FAMILIES[family_of[model]].terms[0]
         assert run.data.metrics[f"test/{first_term}"] == pytest.approx(ledger["terms"][first_term])
         assert run.data.metrics["test/neg_elbo"] == pytest.approx(ledger["derived"]["neg_elbo"])
         train_history = client.get_metric_history(run.info.run_id, f"train/{first_term}")
-        assert sorted(m.step for m in train_history) == list(range(1, epochs + 1))
+        assert sorted(m.step for m in train_history) == evaluation_steps(train)
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/neg_elbo")) == evaluation_steps(train)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"ledger.json", "model.pt", "history.csv", "config.json"} <= artifacts
 
@@ -151,12 +157,12 @@ def test_a_second_invocation_has_nothing_to_do(smoke):
 def test_a_bad_config_fails_before_any_job_with_one_line(smoke, tmp_path):
     repo, _, _, _ = smoke
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train:\n  epochs: -1\n")
+    bad.write_text("train:\n  steps: -1\n")
     command = [sys.executable, "-m", "snakemake", "-s", str(repo / "Snakefile"), "-d", str(tmp_path),
                "--configfile", str(repo / "config" / "smoke.yaml"), str(bad), "--cores", "1"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
-    assert "config key 'train.epochs': -1 is less than the minimum of 1" in result.stderr
+    assert "config key 'train.steps': -1 is less than the minimum of 1" in result.stderr
     assert not (tmp_path / "results").exists()
 
 

@@ -59,6 +59,30 @@ def test_training_loss_with_beta_one_is_the_ledger_total():
     assert objective.item() == pytest.approx((terms["rate"] + terms["distortion"]).mean().item(), rel=1e-6)
 
 
+def test_the_k_sample_elbo_averages_k_single_sample_estimates_and_the_iwae_objective_is_below_it():
+    """Burda et al.'s two k-sample objectives on the same draws: the k-sample ELBO is the mean
+    of -log w_i, the IWAE objective -log mean_i w_i; by Jensen the IWAE objective is lower."""
+    x = continuous_data()
+    torch.manual_seed(0)
+    elbo_model = VAE(make_config(k=5, objective="elbo", activation="tanh"), x.shape[1], "continuous")
+    iwae_model = VAE(make_config(k=5, activation="tanh"), x.shape[1], "continuous")
+    iwae_model.load_state_dict(elbo_model.state_dict())
+    assert isinstance(elbo_model.encoder[1], torch.nn.Tanh)
+    torch.manual_seed(1)
+    elbo, _ = elbo_model.loss(x, batch_index=0, num_batches=1)
+    torch.manual_seed(1)
+    iwae, _ = iwae_model.loss(x, batch_index=0, num_batches=1)
+    torch.manual_seed(1)  # the same 5 draws by hand: -mean_i log w_i over the batch
+    y = elbo_model.observe(x)
+    mu, logvar = elbo_model.encode(y)
+    z = elbo_model.sample_posterior(mu, logvar, 5)
+    log_w = elbo_model.log_prior(z) - log_normal_diag(z, mu, logvar) - elbo_model.distortion(y, z)
+    # the objective uses the closed-form KL, whose mean over draws equals that of log e - log m
+    assert elbo.item() == pytest.approx(-log_w.mean().item(), abs=0.05)
+    assert iwae.item() == pytest.approx(-(torch.logsumexp(log_w, 0) - math.log(5)).mean().item(), rel=1e-5)
+    assert iwae.item() < elbo.item()
+
+
 def test_beta_weights_training_but_not_the_ledger():
     x = continuous_data()
     torch.manual_seed(0)

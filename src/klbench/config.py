@@ -38,15 +38,17 @@ class TrainConfig:
     """How every run trains (the `train` block; families, datasets and models override it).
 
     The budget is optimizer steps; epochs follow from it (steps x batch_size / n_train). The
-    learning rate warms up linearly over warmup_steps, then follows the schedule down to
-    lr x final_lr. The model kept is the one with the best validation neg_elbo (train.py)."""
+    learning rate warms up linearly over the first `warmup` share of the steps, then follows the
+    schedule. The model kept is the one with the best validation neg_elbo (train.py)."""
 
     steps: int = setting(4000, "Optimizer steps: the training budget (epochs follow from it).", minimum=1)
     batch_size: int = setting(128, "Examples per gradient step.", minimum=1)
     lr: float = setting(1e-3, "Peak Adam learning rate (after warm-up).", exclusiveMinimum=0)
-    warmup_steps: int = setting(100, "Steps of linear warm-up from 0 to lr (0: none).", minimum=0)
-    schedule: Literal["cosine", "constant"] = setting(
-        "cosine", "After warm-up: cosine decay from lr to lr x final_lr over the remaining steps, or constant lr.")
+    warmup: float = setting(0.025, "Share of the steps spent warming the learning rate up linearly from 0 to lr "
+                            "(0: none).", minimum=0, exclusiveMaximum=1)
+    schedule: Literal["cosine", "constant", "burda"] = setting(
+        "cosine", "After warm-up: cosine decay from lr to lr x final_lr over the remaining steps; constant lr; or "
+        "burda: Burda et al. 2016's 8 stages, stage i = 0..7 taking 3^i / 3280 of the steps at lr x 10^(-i/7).")
     final_lr: float = setting(0.1, "The cosine schedule's last learning rate, as a share of lr.", minimum=0, maximum=1)
     validation: float = setting(0.1, "Share of the training split held out for validation: a fixed, seeded cut "
                                 "(the same for every seed and model) that picks the best checkpoint and judges "
@@ -61,10 +63,9 @@ class TrainConfig:
                                 "seed's noise from its own generator) rather than one after another. The same "
                                 "results; on a CPU no faster for small MLPs (tests/benchmarks/bench_seeds.py).")
 
-    def __post_init__(self) -> None:
-        if self.warmup_steps >= self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be less than steps ({self.steps}); "
-                             "set train.warmup_steps below it")
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.warmup * self.steps)
 
 
 @dataclass(frozen=True)

@@ -53,17 +53,29 @@ class Adam:
         )
 
 
+# Burda et al. 2016 (sec. 5): 3^i epochs at lr 10^(-i/7) x 0.001 for i = 0..7, 3280 epochs in all.
+BURDA_STAGES = 8
+BURDA_TOTAL = sum(3**i for i in range(BURDA_STAGES))  # 3280
+
+
 def learning_rate(step: int, peak: float, steps: int, warmup_steps: int, schedule: str, final_lr: float) -> float:
-    """The learning rate of step t = 1..steps: linear warm-up, then cosine decay or constant.
+    """The learning rate of step t = 1..steps: linear warm-up, then the schedule.
 
         warm-up (t <= W):  lr_t = peak t / W
         cosine  (t > W):   lr_t = peak (f + (1 - f) (1 + cos(pi u)) / 2),  u = (t - W) / (steps - W)
+        burda   (t > W):   lr_t = peak 10^(-i/7), i the stage of u: stage i spans 3^i / 3280 of the steps
 
-    with f = final_lr, so the last step trains at peak x f; "constant" keeps peak after warm-up.
+    with f = final_lr, so the last cosine step trains at peak x f; "constant" keeps peak.
     """
     if step <= warmup_steps:
         return peak * step / warmup_steps
     if schedule == "constant":
         return peak
     progress = (step - warmup_steps) / (steps - warmup_steps)
+    if schedule == "burda":
+        done, stage = 0, 0
+        while stage < BURDA_STAGES - 1 and progress > (done + 3**stage) / BURDA_TOTAL:
+            done += 3**stage
+            stage += 1
+        return peak * 10 ** (-stage / 7)
     return peak * (final_lr + (1 - final_lr) * 0.5 * (1 + math.cos(math.pi * progress)))

@@ -24,13 +24,17 @@ SCALES = ("diagonal", "isotropic")
 LOGVAR_MIN, LOGVAR_MAX = -14.0, 10.0
 
 
-def mlp(sizes: list[int]) -> nn.Sequential:
-    """Linear layers with SiLU between them (none after the last)."""
+ACTIVATIONS = {"silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+def mlp(sizes: list[int], activation: str = "silu") -> nn.Sequential:
+    """Linear layers with an activation (SiLU, or tanh as in Burda et al. 2016) between them
+    (none after the last)."""
     layers: list[nn.Module] = []
     for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers.append(nn.Linear(n_in, n_out))
         if i < len(sizes) - 2:
-            layers.append(nn.SiLU())
+            layers.append(ACTIVATIONS[activation]())
     return nn.Sequential(*layers)
 
 

@@ -6,8 +6,11 @@ KL(P || Q) = E_p[-ELBO(x)] - H(p), with the per-example negative ELBO split into
     rate       = KL(e(z|x) || m(z))            nats, summed over latent dims
     distortion = -E_{e(z|x)} log d(x|z)        nats, summed over data dims
 
-Training minimises distortion + beta * rate (or, with k > 1 importance samples, the
-IWAE objective -log (1/k) sum_i w_i); the ledger always reports the unweighted terms.
+Training minimises distortion + beta * rate. With k > 1 posterior samples per example it
+minimises either the IWAE objective -log (1/k) sum_i w_i (objective "iwae") or the k-sample
+ELBO, the mean of the k single-sample estimates (objective "elbo": Burda et al.'s "VAE, k"
+columns); w_i = d(x|z_i) m(z_i)^beta / e(z_i|x)^beta. The ledger always reports the
+unweighted terms.
 
 Decoders by data kind:
 - binary: Bernoulli with logits from the decoder network.
@@ -52,7 +55,11 @@ class Config:
     hidden: list[int] = setting([128, 128], "Hidden widths of the encoder MLP; the decoder mirrors them ([] = linear).",
                                 items={"minimum": 1})
     beta: float = setting(1.0, "Weight of the rate in training (the ledger is unweighted).", exclusiveMinimum=0)
-    k: int = setting(1, "Importance samples per example in training (1 = ELBO, > 1 = IWAE objective).", minimum=1)
+    k: int = setting(1, "Posterior samples per example in training (1 = ELBO; > 1: see objective).", minimum=1)
+    objective: Literal["iwae", "elbo"] = setting(
+        "iwae", "With k > 1: iwae = -log (1/k) sum_i w_i (importance weighted); elbo = the mean of k single-sample "
+        "ELBOs (Burda et al. 2016's VAE with k samples).")
+    activation: Literal["silu", "tanh"] = setting("silu", "Activation between the MLP layers (Burda et al. 2016: tanh).")
     prior: Literal["standard", "mog"] = setting("standard", "m(z): N(0, I), or a learned mixture of Gaussians.")
     prior_components: int = setting(10, "Mixture components of the mog prior.", minimum=1)
     decoder_scale: Literal["diagonal", "isotropic"] = setting(
@@ -80,8 +87,8 @@ class VAE(nn.Module):
         super().__init__()
         self.config, self.dim, self.kind, self.levels = config, dim, kind, levels
         latent = config.latent_dim
-        self.encoder = mlp([dim, *config.hidden, 2 * latent])
-        self.decoder = mlp([latent, *reversed(config.hidden), dim])
+        self.encoder = mlp([dim, *config.hidden, 2 * latent], config.activation)
+        self.decoder = mlp([latent, *reversed(config.hidden), dim], config.activation)
         self.likelihood = DataLikelihood(dim, kind, levels, config.decoder_scale)
         if config.prior == "mog":
             components = config.prior_components
@@ -138,6 +145,9 @@ class VAE(nn.Module):
             # decoding (B, L) rather than (1, B, L) spares every Linear a reshape, forward and backward
             distortion = self.distortion(y, z[0])  # (B,)
             objective = distortion + self.config.beta * rate
+        elif self.config.objective == "elbo":  # the k-sample ELBO: every draw's distortion, averaged
+            distortion = self.distortion(y, z).mean(0)
+            objective = distortion + self.config.beta * self.rate(mu, logvar, z)
         else:
             distortions = self.distortion(y, z)  # (k, B)
             distortion = distortions[0]
