@@ -1,8 +1,10 @@
+import gzip
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,3 +75,17 @@ def train_for_epochs(model, train, validation, epochs: int, batch_size: int, lr:
     config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=0, schedule="constant",
                          evaluations=min(evaluations, steps))
     return fit_model(model, train, validation, config)
+
+
+def idx_bytes(array: np.ndarray, code: int = 0x08) -> bytes:
+    dtype = {0x08: ">u1", 0x0C: ">i4", 0x0E: ">f8"}[code]
+    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    return header + array.astype(dtype).tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
+    data = idx_bytes(array)
+    if compress:
+        Path(f"{path}.gz").write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)

@@ -56,6 +56,22 @@ def test_train_settings_resolve_global_then_dataset_then_model(default):
     assert resolve_run(config, "mnist5k", "vae-mog", 0).train.steps == config["datasets"]["mnist5k"]["train"]["steps"]
 
 
+def test_a_familys_settings_on_one_dataset_beat_the_familys_and_yield_to_the_models(default):
+    default["datasets"]["digits"] = {"families": {"vae": {"params": {"hidden": [64], "latent_dim": 3},
+                                                           "train": {"steps": 77}, "evaluate": {"iwae_examples": 9}}}}
+    default["models"]["vae-mog"]["params"]["latent_dim"] = 5
+    config = validate_config(default)
+    vae, mog = resolve_run(config, "digits", "vae", 0), resolve_run(config, "digits", "vae-mog", 0)
+    assert (vae.params.hidden, vae.params.latent_dim, vae.train.steps, vae.evaluate.iwae_examples) == ([64], 3, 77, 9)
+    assert (mog.params.hidden, mog.params.latent_dim) == ([64], 5)  # the model's own params win
+    elsewhere = resolve_run(config, "checkerboard", "vae", 0)
+    assert elsewhere.params.hidden == config["families"]["vae"]["params"]["hidden"]
+    assert resolve_run(config, "digits", "ddpm-linear", 0).train.steps != 77  # another family is untouched
+    default["datasets"]["digits"]["families"] = {"vae": {"params": {"hiden": [1]}}}
+    with pytest.raises(ConfigError, match="unknown config key 'datasets.digits.families.vae.params.hiden'"):
+        validate_config(default)
+
+
 def test_settings_resolve_from_family_dataset_and_model_blocks(default):
     """train: global < families.<f>.train < datasets.<d>.train < models.<m>.train; evaluate keys
     of a dataset apply to the families that have them; params: family < model < sweep value."""
@@ -68,7 +84,9 @@ def test_settings_resolve_from_family_dataset_and_model_blocks(default):
     cosine = resolve_run(config, "checkerboard", "ddpm-cosine", 0)
     assert (cosine.train.steps, cosine.train.batch_size, cosine.train.lr) == (1100, 32, 0.1)
     linear = resolve_run(config, "mnist5k", "ddpm-linear", 0)
-    assert (linear.train.steps, linear.train.batch_size) == (config["datasets"]["mnist5k"]["train"]["steps"], 256)
+    # datasets.mnist5k.families.diffusion.train beats datasets.mnist5k.train and families.diffusion.train
+    assert (linear.train.steps, linear.train.batch_size) == (
+        config["datasets"]["mnist5k"]["families"]["diffusion"]["train"]["steps"], 256)
     assert resolve_run(config, "digits", "vae", 0).train.steps == 500
     assert cosine.evaluate.curve_points == 5 and not hasattr(cosine.evaluate, "iwae_examples")
     vae = resolve_run(config, "checkerboard", "vae", 0)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import idx_bytes, write_idx
 from klbench.data import DATASETS, PROFILES, load_dataset
 from klbench.data.idx import read_idx
 from klbench.data.images import _mnist1d_arrays
@@ -231,20 +232,6 @@ def test_held_out_mean_negative_log_density_estimates_the_entropy(loaded, name):
 
 
 # --- IDX files: mnist and fashion_mnist -----------------------------------------------------------
-
-def idx_bytes(array: np.ndarray, code: int = 0x08) -> bytes:
-    dtype = {0x08: ">u1", 0x0C: ">i4", 0x0E: ">f8"}[code]
-    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
-    return header + array.astype(dtype).tobytes()
-
-
-def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
-    data = idx_bytes(array)
-    if compress:
-        Path(f"{path}.gz").write_bytes(gzip.compress(data))
-    else:
-        path.write_bytes(data)
-
 
 @pytest.fixture
 def idx_dir(tmp_path):

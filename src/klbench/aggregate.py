@@ -214,11 +214,12 @@ def _pm(mean: float, std: float, digits: int = 3) -> str:
 REFERENCE_METRIC, REFERENCE_MODEL = "gaussian_fit_nll", "single Gaussian fit (reference)"
 
 
-def ledger_markdown(stats: pd.DataFrame, metrics: list[str]) -> str:
+def ledger_markdown(stats: pd.DataFrame, metrics: list[str], published: list[dict[str, Any]] = ()) -> str:
     """One table per dataset: rows = models, cells = mean ± std over seeds, plus the 95%
     interval of neg_elbo (every metric's interval is in ledger.csv); runs that did not converge
     are marked (†, with how many), and on continuous density data the NLL of a single Gaussian
-    fit is a reference row."""
+    fit is a reference row. `published` figures (the config's list) get a column beside the
+    model they belong to, their sources listed below the table."""
     parts = []
     for dataset, group in stats.groupby("dataset", sort=False):
         present = [m for m in metrics if m in set(group["metric"])]
@@ -234,6 +235,8 @@ def ledger_markdown(stats: pd.DataFrame, metrics: list[str]) -> str:
             row.update({m: _pm(cells.at[m, "mean"], cells.at[m, "std"]) if m in cells.index else "" for m in present})
             low, high = cells.at["neg_elbo", "ci95_low"], cells.at["neg_elbo", "ci95_high"]
             row["neg_elbo 95% CI"] = "" if pd.isna(low) else f"[{low:.3f}, {high:.3f}]"
+            for entry in (p for p in published if (p["dataset"], p["model"]) == (dataset, model)):
+                row["published"] = f"{entry['value']:g} ({entry['metric']})"
             rows.append(row)
         reference = group[group["metric"] == REFERENCE_METRIC]
         if len(reference):
@@ -242,7 +245,9 @@ def ledger_markdown(stats: pd.DataFrame, metrics: list[str]) -> str:
                      "nll_bound: -L_k at the largest k; † (n/m): n of the m runs did not converge (their "
                      "validation -ELBO still improved by more than train.converged_tol over the last 10% of "
                      "steps); (dirty): some runs came from a git tree with uncommitted changes\n\n"
-                     + pd.DataFrame(rows).fillna("").to_markdown(index=False))
+                     + pd.DataFrame(rows).fillna("").to_markdown(index=False)
+                     + "".join(f"\n\npublished: {source}" for source in dict.fromkeys(
+                         p["source"] for p in published if p["dataset"] == dataset)))
     return "\n\n".join(parts) + "\n"
 
 
@@ -258,14 +263,14 @@ def table_metrics(summary: pd.DataFrame) -> list[str]:
 
 
 def write_tables(summary: pd.DataFrame, out_dir: Path, baselines: dict[str, str],
-                 server_startup_s: float = 0.0) -> dict[str, Path]:
+                 server_startup_s: float = 0.0, published: list[dict[str, Any]] = ()) -> dict[str, Path]:
     """Every comparison table as CSV and Markdown into out_dir; returns name -> CSV path.
-    server_startup_s: see timing_table."""
+    server_startup_s: see timing_table; published: see ledger_markdown."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stats = seed_stats(summary)
     ranks = model_ranks(summary)
     tables = {
-        "ledger": (stats, ledger_markdown(stats, table_metrics(summary))),
+        "ledger": (stats, ledger_markdown(stats, table_metrics(summary), published)),
         "paired": (paired := paired_comparisons(summary, baselines), paired.to_markdown(index=False, floatfmt=".4g")),
         "ranking": (ranked := ranking(stats, ranks), ranked.to_markdown(index=False, floatfmt=".4g")),
         "cross_family": (cross := cross_family(stats, ranks), cross.to_markdown(index=False, floatfmt=".4g")),

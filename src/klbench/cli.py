@@ -60,7 +60,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         run = RunConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"cannot read {run_dir / 'config.json'}: {error}") from None
-    dataset = load_dataset(run.dataset, **run.dataset_options)
+    # the training split the model was built on: without the validation cut (BBB's N, say) it would differ
+    dataset = load_dataset(run.dataset, **run.dataset_options).with_validation(run.train.validation)
     family = get_family(run.family)
     model = family.build(run.params, dataset)
     checkpoint = run_dir / "model.pt"
@@ -108,7 +109,8 @@ def cmd_aggregate(args: argparse.Namespace) -> None:
         baselines = dict(pair.split("=", 1) for pair in args.baseline)
         server = Path(args.fork_server_info) if args.fork_server_info else None
         server_startup = json.loads(server.read_text())["startup_cpu_s"] if server and server.exists() else 0.0
-        paths = write_tables(table, Path(args.tables), baselines, server_startup)
+        published = json.loads(args.published) if args.published else []
+        paths = write_tables(table, Path(args.tables), baselines, server_startup, published)
         print(f"wrote {', '.join(p.stem for p in paths.values())} tables (CSV and Markdown) to {args.tables}",
               file=sys.stderr)
 
@@ -219,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     aggregate.add_argument("--tables", help="folder for the comparison tables over seeds")
     aggregate.add_argument("--baseline", action="append", default=[], metavar="FAMILY=MODEL",
                            help="paired comparisons against this model of the family (repeatable)")
+    aggregate.add_argument("--published", help="published figures to show beside the runs' (JSON: the config's "
+                           "`published` list)")
     aggregate.add_argument("--fork-server-info", help="the fork server's JSON (its start-up CPU joins the timing "
                                                       "table); a missing file counts as no server")
     aggregate.set_defaults(func=cmd_aggregate)

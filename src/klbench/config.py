@@ -57,6 +57,9 @@ class TrainConfig:
     evaluations: int = setting(50, "Validation ledgers during training, evenly spaced in steps (the last at the "
                                "last step; at most one per step): the points of the training curves and of the "
                                "best-checkpoint choice.", minimum=2)
+    validation_samples: int = setting(1, "Monte Carlo draws per example of each validation ledger (the same draws "
+                                      "at every evaluation). Diffusion's one-draw estimate is noisy; more draws make "
+                                      "the checkpoint choice and the convergence verdict less so.", minimum=1)
     converged_tol: float = setting(0.01, "A run has converged when its best validation neg_elbo improved by less "
                                    "than this (nats per example) over the last 10% of its steps.", minimum=0)
     stack_seeds: bool = setting(False, "Train the seeds of one job as one stacked model (torch.func.vmap, each "
@@ -201,6 +204,8 @@ def config_schema() -> dict[str, Any]:
             "evaluate": {**schema_of(family.evaluate), "description": f"Evaluation of every {name} model."}}}
         for name, family in FAMILIES.items()
     }
+    per_dataset = schema["properties"]["datasets"]["additionalProperties"]["properties"]["families"]
+    per_dataset.update(additionalProperties=False, properties=families["properties"])
     model = schema["properties"]["models"]["additionalProperties"]
     model["properties"]["family"]["enum"] = list(FAMILIES)
     model["allOf"] = [
@@ -331,10 +336,11 @@ def seed_blocks(seeds: list[int], per_job: int) -> list[tuple[int, ...]]:
 
 def resolve_run(config: Mapping[str, Any], dataset: str, model: str, seed: int) -> RunConfig:
     """The RunConfig of one grid point. Each setting takes the most specific value given:
-    train: `train` < families.<f>.train < datasets.<d>.train < models.<m>.train;
-    evaluate: `evaluate` < families.<f>.evaluate < datasets.<d>.evaluate (the keys the family
-    has) < models.<m>.evaluate; params: families.<f>.params < models.<m>.params < the sweep
-    value; and below all of them the defaults of the settings dataclasses."""
+    train: `train` < families.<f>.train < datasets.<d>.train < datasets.<d>.families.<f>.train
+    < models.<m>.train; evaluate: `evaluate` < families.<f>.evaluate < datasets.<d>.evaluate
+    (the keys the family has) < datasets.<d>.families.<f>.evaluate < models.<m>.evaluate;
+    params: families.<f>.params < datasets.<d>.families.<f>.params < models.<m>.params < the
+    sweep value; and below all of them the defaults of the settings dataclasses."""
     from klbench.models import get_family
 
     variants = expand_models(config)
@@ -344,6 +350,7 @@ def resolve_run(config: Mapping[str, Any], dataset: str, model: str, seed: int) 
     family = get_family(variant["family"])
     family_block = config["families"].get(family.name, {})
     dataset_block = config["datasets"].get(dataset, {})
+    on_dataset = dataset_block.get("families", {}).get(family.name, {})
     known = {f.name for f in dataclasses.fields(family.evaluate)}
     return RunConfig.from_dict(
         {
@@ -351,13 +358,13 @@ def resolve_run(config: Mapping[str, Any], dataset: str, model: str, seed: int) 
             "dataset_options": dataset_block.get("options", {}),
             "model": model,
             "family": family.name,
-            "params": {**family_block.get("params", {}), **variant["params"]},
+            "params": {**family_block.get("params", {}), **on_dataset.get("params", {}), **variant["params"]},
             "seed": int(seed),
             "train": {**config["train"], **family_block.get("train", {}), **dataset_block.get("train", {}),
-                      **variant["train"]},
+                      **on_dataset.get("train", {}), **variant["train"]},
             "evaluate": {**config["evaluate"], **family_block.get("evaluate", {}),
                          **{k: v for k, v in dataset_block.get("evaluate", {}).items() if k in known},
-                         **variant["evaluate"]},
+                         **on_dataset.get("evaluate", {}), **variant["evaluate"]},
             "variant_of": variant["base"],
             "sweep": variant["sweep"],
             "threads": config["threads"],

@@ -43,10 +43,6 @@ def evaluate(model: nn.Module, family: Family, dataset: Dataset, config: EvalCon
         derived["data_entropy_true"] = dataset.entropy
     if family.density and dataset.kind == "continuous":
         derived["gaussian_fit_nll"] = gaussian_fit_nll(dataset.x_train, dataset.x_test)
-    if family.density and dataset.on_support is not None:
-        from klbench.models.family import SCATTER_SAMPLES
-
-        diagnostics.values.update(dataset.on_support(model.sample(SCATTER_SAMPLES).cpu().double().numpy()))
     means = ledger.means()
     return Evaluation(
         {"terms": {name: means[name] for name in ledger.terms}, "derived": derived, "diagnostics": diagnostics.values},

@@ -267,7 +267,7 @@ def evaluate_run(run: RunConfig, family, dataset, model, fitted: tuple[list, Sel
         model = model.cpu()
         evaluation = evaluate(model, family, dataset, run.evaluate, staging, run.params)
         result = evaluation.ledger
-        family.run_figure(model, dataset, staging, run.run_key)
+        result["diagnostics"].update(family.run_figure(model, dataset, staging, run.run_key) or {})
     final_train = next(row for row in reversed(history) if row["split"] == "train")
     tracker.log_metrics(
         {**metrics_of("test", result["terms"]), **metrics_of("test", result["derived"]),

@@ -128,7 +128,7 @@ def fit(
                                 f"lower train.lr (now {config.lr:g}) or check the data")
         means = [{"train": values} for values in running.means()]
         running, objective_sum = RunningMeans(), torch.zeros(group.size, device=device)
-        for s, (entry, ledger) in enumerate(zip(means, group.held_out(validation, samples=1))):
+        for s, (entry, ledger) in enumerate(zip(means, group.held_out(validation, samples=config.validation_samples))):
             entry["val"] = ledger.means()
             if not all(np.isfinite(v) for v in entry["val"].values()):
                 raise TrainingError(f"validation ledger is NaN/inf at step {step} (seed {seeds[s]}); "

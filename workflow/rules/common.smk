@@ -1,5 +1,7 @@
 # Config validation, the grid and input getters. No math here.
+import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from types import SimpleNamespace

@@ -109,9 +109,11 @@ class Family:
     evaluate: the settings dataclass of its evaluation (EvalConfig or a subclass).
     build(config, dataset) -> nn.Module.
     diagnose(model, dataset, ledger, evaluate_config, out_dir) -> Diagnostics.
-    run_figure(model, dataset, out_dir, title): writes the run's samples.png (and any files
-        the comparison figures read, e.g. samples.npz). It runs after diagnose, into the same
-        out_dir, so it may draw from the files diagnose wrote there.
+    run_figure(model, dataset, out_dir, title) -> dict | None: writes the run's samples.png (and
+        any files the comparison figures read, e.g. samples.npz). It runs after diagnose, into
+        the same out_dir, so it may draw from the files diagnose wrote there. What it returns
+        joins the ledger's diagnostics: numbers measured on what it drew (a density model's
+        share of samples on the data's support), so the samples are drawn once.
     figures: the comparison figures its runs appear in, besides those of every family
         (ledger bars, training curves and, for density models, sample grids).
     headline: diagnostics shown beside the terms in the Markdown ledger tables.
@@ -130,7 +132,7 @@ class Family:
     config: type
     build: Callable[[Any, Dataset], nn.Module]
     diagnose: Callable[[nn.Module, Dataset, Ledger, Any, Path], Diagnostics]
-    run_figure: Callable[[nn.Module, Dataset, Path, str], None]
+    run_figure: Callable[[nn.Module, Dataset, Path, str], dict[str, float] | None]
     evaluate: type = EvalConfig
     figures: tuple[Figure, ...] = ()
     headline: tuple[str, ...] = ()
@@ -161,12 +163,14 @@ class Family:
 SCATTER_SAMPLES, IMAGE_SAMPLES = 2000, 64
 
 
-def samples_run_figure(model: nn.Module, dataset: Dataset, out_dir: Path, title: str) -> None:
+def samples_run_figure(model: nn.Module, dataset: Dataset, out_dir: Path, title: str) -> dict[str, float] | None:
     """The run figure of a density model: model.sample(n) -> (n, D) in data units, drawn beside
-    held-out data as samples.png and stored with them in samples.npz (for the sample grids)."""
+    held-out data as samples.png and stored with them in samples.npz (for the sample grids).
+    Returns the samples' share on the data's support where the dataset can tell (Dataset.on_support)."""
     from klbench.plots import SAMPLES_FILE, samples_figure, save_samples
 
     samples = model.sample(IMAGE_SAMPLES if len(dataset.shape) > 1 else SCATTER_SAMPLES).cpu().numpy()
     data = dataset.x_test.numpy()
     samples_figure(samples, data, dataset.shape, title, out_dir / "samples.png")
     save_samples(out_dir / SAMPLES_FILE, samples, data[: len(samples)], dataset.shape)
+    return None if dataset.on_support is None else dataset.on_support(samples.astype("float64"))
