@@ -19,6 +19,11 @@ per seed from g_s, in the same order and shapes a lone seed would draw them. The
 shapes of a method's draws are recorded once per input shape in a dry run. So seed s's
 minibatch order, noise and initial weights do not depend on which other seeds share its
 process, and its ledger equals the lone seed's up to float rounding of batched matmuls.
+
+Evaluation noise. A validation ledger during training draws from a generator seeded with
+`evaluation_seed(seed)`, fresh at every evaluation (OneSeed forks the global RNG around it), so
+every checkpoint of a seed is scored on the same draws and evaluating never moves the
+training RNG: how often a run evaluates changes none of its training steps.
 """
 
 from __future__ import annotations
