@@ -89,3 +89,13 @@ def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
         Path(f"{path}.gz").write_bytes(gzip.compress(data))
     else:
         path.write_bytes(data)
+
+
+def write_grey_idx(folder: Path, n_train: int, n_test: int, seed: int = 1) -> Path:
+    """MNIST's four IDX files in `folder`, with random grey-level 28x28 images and labels."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for part, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(folder / f"{part}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)).astype(np.uint8), False)
+        write_idx(folder / f"{part}-labels-idx1-ubyte", rng.integers(0, 10, n).astype(np.uint8), False)
+    return folder

@@ -14,7 +14,7 @@ from torch.distributions import Normal, kl_divergence
 
 from klbench.calibration import expected_calibration_error, reliability_bins
 from klbench.classifier import ClassifierEvalConfig
-from klbench.config import TrainConfig, load_config, merge_into, resolve_run, run_grid, validate_config
+from klbench.config import load_config, merge_into, resolve_run, run_grid, validate_config
 from klbench.data import DATASETS, PROFILES, load_dataset
 from klbench.errors import ConfigError
 from klbench.models import bbb, get_family

@@ -3,13 +3,12 @@
 import gzip
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import idx_bytes, write_idx
+from conftest import idx_bytes, write_grey_idx, write_idx
 from klbench.data import DATASETS, PROFILES, load_dataset
 from klbench.data.idx import read_idx
 from klbench.data.images import _mnist1d_arrays
@@ -262,10 +261,7 @@ def test_idx_images_and_labels_round_trip(idx_dir, name):
 
 
 def test_idx_grey_pixels_are_binarized_the_same_on_every_call(tmp_path):
-    rng = np.random.default_rng(1)
-    for part, n in (("train", 20), ("t10k", 10)):
-        write_idx(tmp_path / f"{part}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)).astype(np.uint8), False)
-        write_idx(tmp_path / f"{part}-labels-idx1-ubyte", rng.integers(0, 10, n).astype(np.uint8), False)
+    write_grey_idx(tmp_path, 20, 10)
     data = load_dataset("mnist", path=tmp_path)
     assert set(data.x_train.unique().tolist()) == {0.0, 1.0}
     assert data.data_hash == load_dataset("mnist", path=tmp_path).data_hash
@@ -274,10 +270,7 @@ def test_idx_grey_pixels_are_binarized_the_same_on_every_call(tmp_path):
 
 
 def test_dynamic_binarization_redraws_training_bits_per_batch_and_keeps_held_out_bits_fixed(tmp_path):
-    rng = np.random.default_rng(1)
-    for part, n in (("train", 200), ("t10k", 10)):
-        write_idx(tmp_path / f"{part}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)).astype(np.uint8), False)
-        write_idx(tmp_path / f"{part}-labels-idx1-ubyte", rng.integers(0, 10, n).astype(np.uint8), False)
+    write_grey_idx(tmp_path, 200, 10)
     static = load_dataset("mnist", path=tmp_path)
     dynamic = load_dataset("mnist", path=tmp_path, binarization="dynamic")
     assert static.redraw is None and dynamic.split["binarization"] == "dynamic"

@@ -12,7 +12,7 @@ import torch
 from conftest import train_for_epochs
 from torch.distributions import Categorical, Independent, Normal, kl_divergence
 
-from klbench.config import TrainConfig, load_config, resolve_run, validate_config
+from klbench.config import load_config, resolve_run, validate_config
 from klbench.errors import ConfigError
 from klbench.ledger import Ledger
 from klbench.settings import build_settings

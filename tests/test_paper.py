@@ -4,11 +4,10 @@ variants, the published figures beside the runs' numbers)."""
 
 import json
 
-import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, run_snakemake, write_idx
+from conftest import REPO, run_snakemake, write_grey_idx
 from klbench.config import load_config, resolve_run, run_grid, validate_config
 
 PAPER = REPO / "config" / "paper.yaml"
@@ -35,12 +34,7 @@ def test_the_paper_config_states_burda_et_al_s_protocol():
 
 @pytest.mark.slow
 def test_the_paper_pipeline_runs_at_a_tiny_scale_and_shows_the_published_figures(tmp_path):
-    rng = np.random.default_rng(0)
-    data = tmp_path / "idx"
-    data.mkdir()
-    for part, n in (("train", 120), ("t10k", 30)):  # grey levels: dynamic binarization has work to do
-        write_idx(data / f"{part}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)).astype(np.uint8), False)
-        write_idx(data / f"{part}-labels-idx1-ubyte", rng.integers(0, 10, n).astype(np.uint8), False)
+    data = write_grey_idx(tmp_path / "idx", 120, 30)  # grey levels: dynamic binarization has work to do
     tiny = tmp_path / "tiny.yaml"
     tiny.write_text(yaml.safe_dump({
         "datasets": {"mnist": {"options": {"path": str(data)}, "train": {"steps": 12},
