@@ -16,7 +16,7 @@ timing.json, with the ratios processes / stacked and processes / forked (whole j
 one-by-one / stacked (training alone). The sides alternate within each repeat, so a ratio compares runs made
 under the same machine load; the median over repeats is the headline.
 
-    python tests/benchmarks/bench_seeds.py [--pairs checkerboard/vae ...] [--epochs N] [--repeats 3]
+    python tests/benchmarks/bench_seeds.py [--pairs checkerboard/vae ...] [--steps N] [--repeats 3]
 """
 
 import argparse
@@ -29,6 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
+from klbench.config import expand_models, load_config
 from klbench.forkserver import SOCKET_ENV, start_server, stop_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,14 +40,15 @@ DEFAULT_PAIRS = ["checkerboard/vae", "eight_gaussians/vae", "checkerboard/ddpm-l
 SEEDS = (0, 1, 2)
 
 
-def train(folder: Path, dataset: str, model: str, seeds: tuple[int, ...], stack: bool, epochs: int | None,
+def train(folder: Path, dataset: str, model: str, seeds: tuple[int, ...], stack: bool, steps: int | None,
           server: str | None = None) -> float:
     """One `klbench train` process for these seeds; its wall seconds."""
     override = folder / "override.yaml"
-    lines = [f"train: {{stack_seeds: {str(stack).lower()}}}"]
-    if epochs:  # the dataset's own epochs are more specific than `train`, so set them there
-        lines.append(f"datasets: {{{dataset}: {{train: {{epochs: {epochs}}}}}}}")
-    override.write_text("\n".join(lines) + "\n")
+    values: dict = {"train": {"stack_seeds": stack}}
+    if steps:  # a model's own train block is the most specific: it beats every dataset and family budget
+        base = expand_models(load_config([REPO / "config" / "config.yaml"]))[model]["base"]
+        values["models"] = {base: {"train": {"steps": steps}}}
+    override.write_text(yaml.safe_dump(values))
     command = [sys.executable, "-m", "klbench.cli", "train", "--config", str(REPO / "config" / "config.yaml"),
                "--config", str(override), "--dataset", dataset, "--model", model, "--no-progress"]
     for seed in seeds:
@@ -63,15 +67,15 @@ def train_seconds(folder: Path) -> float:
     return sum(json.loads((folder / f"seed{s}" / "timing.json").read_text())["wall"]["train_s"] for s in SEEDS)
 
 
-def measure(dataset: str, model: str, epochs: int | None, scratch: Path, server: str) -> dict[str, float]:
+def measure(dataset: str, model: str, steps: int | None, scratch: Path, server: str) -> dict[str, float]:
     sides = {}
     for name in ("processes", "one-by-one", "stacked", "forked", "forked stacked"):
         folder = scratch / name.replace(" ", "-")
         folder.mkdir()
         if name == "processes":
-            wall = sum(train(folder, dataset, model, (seed,), stack=False, epochs=epochs) for seed in SEEDS)
+            wall = sum(train(folder, dataset, model, (seed,), stack=False, steps=steps) for seed in SEEDS)
         else:
-            wall = train(folder, dataset, model, SEEDS, stack=name.endswith("stacked"), epochs=epochs,
+            wall = train(folder, dataset, model, SEEDS, stack=name.endswith("stacked"), steps=steps,
                          server=server if name.startswith("forked") else None)
         sides[name] = {"wall": wall, "train": train_seconds(folder)}
     return {
@@ -89,7 +93,7 @@ def measure(dataset: str, model: str, epochs: int | None, scratch: Path, server:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", nargs="+", default=DEFAULT_PAIRS, help="dataset/model pairs of the default config")
-    parser.add_argument("--epochs", type=int, help="override the config's epochs (default: the config's)")
+    parser.add_argument("--steps", type=int, help="override the config's training steps (default: the config's)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     print(f"3 seeds, {args.repeats} repeats, median (min-max); wall seconds of the whole job, training seconds "
@@ -108,7 +112,7 @@ def report(args: argparse.Namespace, server: str) -> None:
         rows = []
         for _ in range(args.repeats):
             with tempfile.TemporaryDirectory() as scratch:
-                rows.append(measure(dataset, model, args.epochs, Path(scratch), server))
+                rows.append(measure(dataset, model, args.steps, Path(scratch), server))
         print(f"\n{pair}")
         for key in rows[0]:
             values = [row[key] for row in rows]

@@ -22,6 +22,7 @@ printed beside the ratio of median throughputs.
 """
 
 import argparse
+import math
 import statistics
 import tempfile
 import time
@@ -31,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from klbench.batches import Passes
 from klbench.config import TrainConfig
 from klbench.data import load_dataset
 from klbench.models.vae import VAE, Config
@@ -65,23 +67,31 @@ class MinimalVAE(nn.Module):
 
 
 def minimal_loop(x: Tensor, x_test: Tensor, epochs: int) -> None:
+    """Plain PyTorch: the same steps, and a held-out pass half-way and at the end (as fit's two evaluations)."""
     model = MinimalVAE()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(epochs):
+    steps, step = epochs * math.ceil(len(x) / BATCH), 0
+    while step < steps:
         for idx in torch.randperm(len(x)).split(BATCH):
             loss, _ = model.loss(x[idx], 0, 0)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-    with torch.no_grad():
-        model.loss(x_test, 0, 0)[0].item()
+            step += 1
+            if step in (round(steps / 2), steps):
+                with torch.no_grad():
+                    model.loss(x_test, 0, 0)[0].item()
+            if step == steps:
+                break
 
 
 def fit_loop(group: OneSeed | StackedSeeds, x: Tensor, x_test: Tensor, epochs: int, tracker: RunTracker) -> None:
-    # eval_every > epochs: one held-out pass, after the last epoch
-    fit(group, (x,), (x_test,), TrainConfig(epochs=epochs, batch_size=BATCH, lr=1e-3, eval_every=10**9),
-        on_epoch=lambda epoch, per_seed: tracker.log_metrics(
-            {f"{s}/{k}": v for s, m in per_seed[0].items() for k, v in m.items()}, step=epoch),
+    # the fewest evaluations fit makes: two, half-way and at the last step; a constant lr like the plain loop
+    config = TrainConfig(steps=epochs * math.ceil(len(x) / BATCH), batch_size=BATCH, lr=1e-3, warmup=0,
+                         schedule="constant", evaluations=2)
+    fit(group, Passes(group, (x,), BATCH), (x_test,), config,
+        on_eval=lambda step, per_seed: tracker.log_metrics(
+            {f"{s}/{k}": v for s, m in per_seed[0].items() for k, v in m.items()}, step=step),
         progress=False)
 
 
