@@ -47,6 +47,14 @@ def test_smoke_config_merges_on_top_of_the_default(repo, default):
     assert {(d, m) for d in ("checkerboard", "digits") for m in ("vae", "iwae-k5")} | {("toy_curve", "bbb-gauss")} <= pairs
 
 
+def test_every_smoke_run_trains_only_a_few_steps(repo):
+    """The default's dataset, family and model budgets are more specific than the smoke's `train`:
+    the smoke config must override each of them, or the smoke pipeline trains the full budgets."""
+    config = validate_config(load_config([repo / "config" / "config.yaml", repo / "config" / "smoke.yaml"]))
+    for dataset, model, seed in run_grid(config):
+        assert resolve_run(config, dataset, model, seed).train.steps <= 50, (dataset, model)
+
+
 def test_train_settings_resolve_global_then_dataset_then_model(default):
     default["datasets"]["checkerboard"]["train"] = {"steps": 7000, "lr": 0.01}
     default["models"]["vae"]["train"] = {"lr": 0.02}
