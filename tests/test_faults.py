@@ -23,8 +23,8 @@ TWO_RUNS = {
     "seeds": [0],
     "run": [{"datasets": ["checkerboard"], "models": ["vae", "boom"]}],
     "datasets": {"checkerboard": {"options": {"n_train": 1000, "n_test": 300}}},
-    "models": {"boom": {"family": "vae", "train": {"lr": 1.0e12}}},
-    "train": {"steps": 16},
+    # a model's own train block: the default's dataset and family budgets would beat a top-level one
+    "models": {"vae": {"family": "vae", "train": {"steps": 16}}, "boom": {"family": "vae", "train": {"lr": 1.0e12, "steps": 16}}},
     "evaluate": {"samples": 2},
     "families": {"vae": {"evaluate": {"iwae_k": [1, 8], "iwae_examples": 100}}},
 }
@@ -79,7 +79,8 @@ def training_job_pid(workdir: Path, out: str) -> int | None:
 
 
 def test_a_sigkilled_job_is_rerun_cleanly_and_its_stale_run_closed_as_killed(tmp_path):
-    long = {**TWO_RUNS, "run": [{"datasets": ["checkerboard"], "models": ["vae"]}], "train": {"steps": 40000, "evaluations": 2000}}
+    long = {**TWO_RUNS, "run": [{"datasets": ["checkerboard"], "models": ["vae"]}],
+            "models": {"vae": {"family": "vae", "train": {"steps": 40000, "evaluations": 2000}}}}
     config = write_config(tmp_path / "long.yaml", long)
     command, env = snakemake_command(tmp_path, config)
     run_dir = tmp_path / "results" / "runs" / "checkerboard" / "vae" / "seed0"
@@ -98,7 +99,7 @@ def test_a_sigkilled_job_is_rerun_cleanly_and_its_stale_run_closed_as_killed(tmp
     (stale,) = mlflow_runs(tmp_path)["checkerboard/vae/seed0"]
     assert stale.info.status == "RUNNING"  # SIGKILL leaves no chance to close it
 
-    write_config(config, {**long, "train": {"steps": 16}})
+    write_config(config, {**long, "models": {"vae": {"family": "vae", "train": {"steps": 16}}}})
     run_snakemake(tmp_path, config, args=("--rerun-incomplete",))
     ledger = json.loads((run_dir / "ledger.json").read_text())
     assert ledger["train"]["steps"] == 16

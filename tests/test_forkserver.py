@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 TINY = {"seeds": [0], "run": [{"datasets": ["checkerboard"], "models": ["vae"]}],
         "datasets": {"checkerboard": {"options": {"n_train": 500, "n_test": 200}}},
-        "train": {"steps": 16}, "evaluate": {"samples": 2},
+        # a model's own train block: the default's dataset and family budgets would beat a top-level one
+        "models": {"vae": {"family": "vae", "train": {"steps": 16}}}, "evaluate": {"samples": 2},
         "families": {"vae": {"evaluate": {"iwae_k": [1, 8], "iwae_examples": 100}}}}
 
 
@@ -94,7 +95,7 @@ def test_a_signal_to_the_client_ends_its_forked_job_as_it_would_end_in_process(r
     KILLED); SIGTERM: passed on, the job ends FAILED and leaves no files. Either way no child lingers."""
     _, server_pid = server
     init_store(f"sqlite:///{tmp_path / 'mlflow.db'}", ["vae"])  # before the test reads it while the job writes
-    config = write(tmp_path / "long.yaml", {**TINY, "train": {"steps": 50000, "evaluations": 2000}})
+    config = write(tmp_path / "long.yaml", {**TINY, "models": {"vae": {"family": "vae", "train": {"steps": 50000, "evaluations": 2000}}}})
     out = tmp_path / "run"
     client = subprocess.Popen(train_command(repo, config, out), env=job_env(tmp_path, server[0]), cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -131,7 +132,7 @@ def test_an_idle_server_exits_and_removes_its_socket(tmp_path, monkeypatch):
 def test_a_forked_job_killed_on_its_own_fails_its_client_with_one_line(repo, tmp_path, server):
     """The OOM killer or a user may kill the forked child itself: its client must not hang or pass."""
     _, server_pid = server
-    config = write(tmp_path / "long.yaml", {**TINY, "train": {"steps": 50000, "evaluations": 2000}})
+    config = write(tmp_path / "long.yaml", {**TINY, "models": {"vae": {"family": "vae", "train": {"steps": 50000, "evaluations": 2000}}}})
     client = subprocess.Popen(train_command(repo, config, tmp_path / "run"), env=job_env(tmp_path, server[0]),
                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     (child,) = wait_for(lambda: children_of(server_pid), 30, "the forked job")
