@@ -16,7 +16,6 @@ not depend on which seeds share its process, nor on how often the loop evaluates
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -57,7 +56,6 @@ class Passes:
         self.group, self.tensors, self.batch_size = group, tensors, batch_size
         self.transform, self.generators = transform, generators
         self.n = tensors[0].shape[0]
-        self.per_pass = math.ceil(self.n / batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         device = self.tensors[0].device

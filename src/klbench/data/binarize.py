@@ -16,8 +16,7 @@ def binarize(pixels: np.ndarray, generator: torch.Generator) -> torch.Tensor:
     pixels: uint8 (N, D) in 0..255. One uniform is drawn per pixel in C order, so the bits
     depend only on the images and the generator's seed.
     """
-    probability = torch.from_numpy(pixels.astype(np.float32)) / 255.0
-    return (torch.rand(probability.shape, generator=generator) < probability).float()
+    return redraw_bernoulli(torch.from_numpy(pixels.astype(np.float32)) / 255.0, generator)
 
 
 def redraw_bernoulli(intensity: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
