@@ -89,7 +89,8 @@ def numbers(ledger: dict) -> dict[str, float]:
     """Every number the run computed (terms, derived, diagnostics, final training means)."""
     from klbench.tracking import flatten
 
-    parts = {k: ledger[k] for k in ("terms", "derived", "diagnostics")} | {"train": ledger["train"]["final"]}
+    parts = {k: ledger[k] for k in ("terms", "derived", "diagnostics")} | {
+        "train": ledger["train"]["final"], "best_val": ledger["train"]["best_val"]}  # IWAE's own bound included
     return {k: v for k, v in flatten(parts) if isinstance(v, float)}
 
 

@@ -145,6 +145,11 @@ class OneSeed:
     def __init__(self, model: nn.Module, seed: int) -> None:
         self.model, self.seeds, self.size = model, [seed], 1
 
+    @property
+    def own_bound(self) -> str | None:
+        """The bound the model trains on where it is not its ledger's ELBO (models/family.py)."""
+        return getattr(self.model, "own_bound", None)
+
     def parameters(self) -> list[Tensor]:
         return list(self.model.parameters())
 
@@ -159,12 +164,13 @@ class OneSeed:
         return objective.unsqueeze(0), {name: value.unsqueeze(0) for name, value in terms.items()}
 
     @torch.no_grad()
-    def held_out(self, tensors: tuple[Tensor, ...], samples: int) -> list[Ledger]:
-        """The split's ledger with the seed's fixed evaluation noise (module docstring)."""
+    def held_out(self, tensors: tuple[Tensor, ...], samples: int, method: str = "ledger_terms") -> list[Ledger]:
+        """The split's ledger (or the terms of another per-example method) with the seed's fixed
+        evaluation noise (module docstring)."""
         device = tensors[0].device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(evaluation_seed(self.seeds[0]))
-            return [held_out_ledger(self.model, tensors, samples)]
+            return [held_out_ledger(self.model, tensors, samples, method)]
 
     def snapshot(self, index: int) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -192,6 +198,10 @@ class StackedSeeds:
         # the architecture without weights: functional_call supplies each seed's stacked slice
         self._base = _Method(copy.deepcopy(self._models[0]).to("meta"))
         self._requests: dict[tuple, list[tuple[str, torch.Size, torch.dtype]]] = {}
+
+    @property
+    def own_bound(self) -> str | None:
+        return getattr(self._models[0], "own_bound", None)
 
     def parameters(self) -> list[Tensor]:
         return list(self.params.values())
@@ -224,16 +234,16 @@ class StackedSeeds:
         return self._call("loss", batch, batch_index=batch_index, num_batches=num_batches)
 
     @torch.no_grad()
-    def held_out(self, tensors: tuple[Tensor, ...], samples: int) -> list[Ledger]:
-        """Every seed's unweighted ledger of a split, in batches (each seed sees the same examples),
-        with each seed's fixed evaluation noise."""
+    def held_out(self, tensors: tuple[Tensor, ...], samples: int, method: str = "ledger_terms") -> list[Ledger]:
+        """Every seed's unweighted ledger (or the terms of `method`) of a split, in batches (each
+        seed sees the same examples), with each seed's fixed evaluation noise."""
         n = tensors[0].shape[0]
         was_training = self._base.training
         self.train(False)
         training_generators = self.generators
         self.generators = [torch.Generator(device=g.device).manual_seed(evaluation_seed(seed))
                            for g, seed in zip(training_generators, self.seeds)]
-        parts = [self._call("ledger_terms", tuple(chunk.expand(self.size, *chunk.shape)
+        parts = [self._call(method, tuple(chunk.expand(self.size, *chunk.shape)
                                                   for chunk in (t[i : i + EVAL_BATCH] for t in tensors)),
                             samples=samples)
                  for i in range(0, n, EVAL_BATCH)]
@@ -265,13 +275,15 @@ class StackedSeeds:
 
 
 @torch.no_grad()
-def held_out_ledger(model: nn.Module, tensors: tuple[Tensor, ...], samples: int) -> Ledger:
-    """The unweighted ledger of every example of a split, in batches."""
+def held_out_ledger(model: nn.Module, tensors: tuple[Tensor, ...], samples: int,
+                    method: str = "ledger_terms") -> Ledger:
+    """The unweighted ledger (or the terms of another per-example method) of every example of a
+    split, in batches."""
     was_training = model.training
     model.eval()
     n = tensors[0].shape[0]
     parts = [
-        Ledger(model.ledger_terms(*(t[i : i + EVAL_BATCH] for t in tensors), samples=samples))
+        Ledger(getattr(model, method)(*(t[i : i + EVAL_BATCH] for t in tensors), samples=samples))
         for i in range(0, n, EVAL_BATCH)
     ]
     model.train(was_training)

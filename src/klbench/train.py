@@ -9,9 +9,12 @@ of the best checkpoint, the convergence verdict, non-finite-loss detection and a
 bar when someone is watching.
 
 Model selection sees only the validation split: every seed keeps the weights of its
-evaluation with the lowest validation neg_elbo (`Selection`); the test split is scored once,
-after training, by the caller. A run has converged when its best validation neg_elbo
-improved by less than train.converged_tol over the last 10% of its steps.
+evaluation with the lowest validation criterion (`Selection`); the test split is scored once,
+after training, by the caller. The criterion is the bound the model trains on: neg_elbo, or
+the model's `own_bound` where it trains on another (IWAE's -L_k: its ELBO may rise while
+-L_k falls, so choosing on the ELBO would keep an early checkpoint). A run has converged when
+its best validation criterion improved by less than train.converged_tol over the last 10% of
+its steps.
 
 The hot path has no per-batch host sync: term sums stay on the device (RunningMeans)
 and the finiteness check is on the summed objective, both read once per evaluation.
@@ -52,21 +55,28 @@ class Selection:
 
     best_step: int
     best: dict[str, float]
-    improvement: float  # best validation neg_elbo before the last 10% of steps minus the best within them
+    improvement: float  # best validation criterion before the last 10% of steps minus the best within them
     converged: bool
+    criterion: str = "neg_elbo"  # the key of `best` chosen on: neg_elbo, or "bound" (the model's own_bound)
+    selected_on: str = "neg_elbo"  # its name for people: neg_elbo, or the own_bound's label ("-L_5")
 
     @classmethod
-    def judge(cls, curve: list[tuple[int, dict[str, float]]], steps: int, tol: float) -> "Selection":
+    def judge(cls, curve: list[tuple[int, dict[str, float]]], steps: int, tol: float,
+              own_bound: str | None = None) -> "Selection":
         """The selection from (step, validation means) at every evaluation."""
-        best_step, best = min(curve, key=lambda point: point[1]["neg_elbo"])
+        key = "neg_elbo" if own_bound is None else "bound"
+        best_step, best = min(curve, key=lambda point: point[1][key])
         boundary = steps * (1 - CONVERGENCE_WINDOW)
-        before = min(m["neg_elbo"] for step, m in curve if step <= boundary)
-        within = min((m["neg_elbo"] for step, m in curve if step > boundary), default=before)
-        return cls(best_step, best, before - within, before - within < tol)
+        before = min(m[key] for step, m in curve if step <= boundary)
+        within = min((m[key] for step, m in curve if step > boundary), default=before)
+        return cls(best_step, best, before - within, before - within < tol, key, own_bound or "neg_elbo")
 
-    def to_dict(self) -> dict[str, float | int | bool]:
-        return {"best_step": self.best_step, "converged": self.converged,
-                "improvement_last_10pct": self.improvement, "best_val_neg_elbo": self.best["neg_elbo"]}
+    def to_dict(self) -> dict[str, float | int | bool | str]:
+        out = {"best_step": self.best_step, "converged": self.converged, "selected_on": self.selected_on,
+               "improvement_last_10pct": self.improvement, "best_val_neg_elbo": self.best["neg_elbo"]}
+        if self.criterion != "neg_elbo":
+            out["best_val_bound"] = self.best[self.criterion]
+        return out
 
 
 def evaluation_steps(config: TrainConfig) -> list[int]:
@@ -100,6 +110,8 @@ def fit(
     curves: list[list[tuple[int, dict[str, float]]]] = [[] for _ in range(group.size)]
     best: list[tuple[float, dict[str, Tensor]] | None] = [None] * group.size
     checkpoints = set(evaluation_steps(config))
+    own_bound = group.own_bound
+    criterion = "neg_elbo" if own_bound is None else "bound"
     bar = None
     if progress:
         from tqdm import tqdm
@@ -128,14 +140,18 @@ def fit(
                                 f"lower train.lr (now {config.lr:g}) or check the data")
         means = [{"train": values} for values in running.means()]
         running, objective_sum = RunningMeans(), torch.zeros(group.size, device=device)
-        for s, (entry, ledger) in enumerate(zip(means, group.held_out(validation, samples=config.validation_samples))):
+        ledgers = group.held_out(validation, samples=config.validation_samples)
+        bounds = None if own_bound is None else group.held_out(validation, config.validation_samples, "own_bound_terms")
+        for s, (entry, ledger) in enumerate(zip(means, ledgers)):
             entry["val"] = ledger.means()
+            if bounds is not None:
+                entry["val"]["bound"] = bounds[s].terms["bound"].double().mean().item()
             if not all(np.isfinite(v) for v in entry["val"].values()):
                 raise TrainingError(f"validation ledger is NaN/inf at step {step} (seed {seeds[s]}); "
                                     f"lower train.lr (now {config.lr:g})")
             curves[s].append((step, entry["val"]))
-            if best[s] is None or entry["val"]["neg_elbo"] < best[s][0]:
-                best[s] = (entry["val"]["neg_elbo"], group.snapshot(s))
+            if best[s] is None or entry["val"][criterion] < best[s][0]:
+                best[s] = (entry["val"][criterion], group.snapshot(s))
         group.train()
         wall = time.perf_counter() - start
         for history, entry in zip(histories, means):
@@ -143,7 +159,7 @@ def fit(
                 history.append({"step": step, "split": split, "lr": optimizer.lr, **values, "wall_time": wall})
         if bar is not None:
             bar.update(step - done)
-            bar.set_postfix(val_neg_elbo=f"{means[0]['val']['neg_elbo']:.3f}")
+            bar.set_postfix({f"val_{criterion}": f"{means[0]['val'][criterion]:.3f}"})
         done = step
         if on_eval is not None:
             on_eval(step, means)
@@ -152,7 +168,7 @@ def fit(
     for s, (_, weights) in enumerate(best):
         group.restore(s, weights)
     group.train(False)
-    return histories, [Selection.judge(curve, config.steps, config.converged_tol) for curve in curves]
+    return histories, [Selection.judge(curve, config.steps, config.converged_tol, own_bound) for curve in curves]
 
 
 def fit_model(model: torch.nn.Module, train: tuple[Tensor, ...], validation: tuple[Tensor, ...], config: TrainConfig,

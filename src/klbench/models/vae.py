@@ -163,6 +163,19 @@ class VAE(nn.Module):
         z = self.sample_posterior(mu, logvar, samples)
         return {"rate": self.rate(mu, logvar, z), "distortion": self.distortion(y, z).mean(0)}
 
+    @property
+    def own_bound(self) -> str | None:
+        """IWAE (k > 1, objective iwae) trains on -L_k, not on the ELBO its ledger sums to."""
+        return f"-L_{self.config.k}" if self.config.k > 1 and self.config.objective == "iwae" else None
+
+    @torch.no_grad()
+    def own_bound_terms(self, x: Tensor, samples: int) -> dict[str, Tensor]:
+        """-L_k per example (unweighted, k of training), averaged over `samples` groups of k
+        draws: -log (1/k) sum_i w_i."""
+        k = self.config.k
+        log_w = self.log_importance_weights(x, k * samples).view(samples, k, -1)
+        return {"bound": -(torch.logsumexp(log_w, 1) - math.log(k)).mean(0)}
+
     @torch.no_grad()
     def log_importance_weights(self, x: Tensor, k: int) -> Tensor:
         """log w_i = log d(x|z_i) + log m(z_i) - log e(z_i|x), z_i ~ e(z|x): (k, B), float64."""
