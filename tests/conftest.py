@@ -10,11 +10,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def snakemake_command(workdir: Path, *configfiles: Path | str, args: tuple[str, ...] = ()) -> tuple[list[str], dict]:
+def snakemake_command(workdir: Path, *configfiles: Path | str, args: tuple[str, ...] = (),
+                      cores: int | None = 2) -> tuple[list[str], dict]:
     """Command and environment to run the real workflow on the default config plus
-    `configfiles`, in workdir, with MLflow's default store there."""
+    `configfiles`, in workdir, with MLflow's default store there (cores None: a cluster
+    executor's profile decides)."""
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(workdir),
-               "--configfile", *map(str, configfiles), "--cores", "2", *args]
+               "--configfile", *map(str, configfiles), *(["--cores", str(cores)] if cores else []), *args]
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     # The rules call the `klbench` console script; find it beside this interpreter even
     # when the venv is not activated (e.g. `.venv/bin/python -m pytest`).
@@ -28,6 +30,18 @@ def run_snakemake(workdir: Path, *configfiles: Path | str, args: tuple[str, ...]
     if check and result.returncode != 0:
         pytest.fail(f"snakemake failed ({result.returncode}):\n{result.stderr[-4000:]}")
     return result
+
+
+@pytest.fixture(scope="session")
+def smoke(tmp_path_factory):
+    """The smoke pipeline, run once per session on MLflow's default SQLite store:
+    (repo, workdir, validated config, the CompletedProcess)."""
+    from klbench.config import load_config, validate_config
+
+    workdir = tmp_path_factory.mktemp("smoke")
+    result = run_snakemake(workdir, REPO / "config" / "smoke.yaml")
+    config = validate_config(load_config([REPO / "config" / "config.yaml", REPO / "config" / "smoke.yaml"]))
+    return REPO, workdir, config, result
 
 
 @pytest.fixture(autouse=True)

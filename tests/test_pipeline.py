@@ -5,12 +5,9 @@ import json
 import math
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -20,7 +17,8 @@ from mlflow.tracking import MlflowClient
 import pytest
 
 from conftest import run_snakemake
-from klbench.config import expand_models, load_config, resolve_run, run_grid, validate_config
+from services import CHROMIUM, NO_CHROMIUM, check_mlflow_ui, free_port, wait_until
+from klbench.config import expand_models, resolve_run, run_grid
 from klbench.figures import plan_figures
 from klbench.models import FAMILIES, get_family
 from klbench.train import evaluation_steps
@@ -30,15 +28,6 @@ pytestmark = pytest.mark.slow
 
 def snakemake(repo: Path, workdir: Path, *args: str) -> subprocess.CompletedProcess:
     return run_snakemake(workdir, repo / "config" / "smoke.yaml", args=args)
-
-
-@pytest.fixture(scope="module")
-def smoke(tmp_path_factory):
-    repo = Path(__file__).resolve().parents[1]
-    workdir = tmp_path_factory.mktemp("smoke")
-    result = snakemake(repo, workdir)
-    config = validate_config(load_config([repo / "config" / "config.yaml", repo / "config" / "smoke.yaml"]))
-    return repo, workdir, config, result
 
 
 def families_of(config) -> dict[str, str]:
@@ -166,21 +155,7 @@ def test_a_bad_config_fails_before_any_job_with_one_line(smoke, tmp_path):
     assert not (tmp_path / "results").exists()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def chromium(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
-                           *args], capture_output=True, text=True, timeout=120)
-
-
-CHROMIUM = shutil.which("chromium")
-
-
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is absent (Debian: apt-get install chromium); .ci/run installs it")
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
 def test_mlflow_ui_shows_the_runs_filters_by_tag_and_shows_ledger_metrics(smoke, tmp_path):
     _, workdir, config, _ = smoke
     port = free_port()
@@ -188,32 +163,11 @@ def test_mlflow_ui_shows_the_runs_filters_by_tag_and_shows_ledger_metrics(smoke,
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port)],
                               cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"OK":
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail("mlflow ui did not answer /health within 120 s")
-                time.sleep(0.5)
+        wait_until(lambda: urllib.request.urlopen(f"{url}/health", timeout=2).read() == b"OK", 120, "mlflow ui")
         client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
         family_of = families_of(config)
-        for family in sorted(set(family_of.values())):  # one experiment per family
-            experiment = client.get_experiment_by_name(family).experiment_id
-            runs_page = chromium("--dump-dom", f"{url}/#/experiments/{experiment}/runs").stdout
-            for dataset, model, seed in run_grid(config):
-                assert (f"{dataset}/{model}/seed{seed}" in runs_page) == (family_of[model] == family)
-        experiment = client.get_experiment_by_name("vae").experiment_id
-        digits_only = chromium("--dump-dom", f"{url}/#/experiments/{experiment}/runs?searchFilter="
-                               + urllib.parse.quote('tags.dataset = "digits"')).stdout
-        assert "digits/vae/seed0" in digits_only and "checkerboard/" not in digits_only
-        run = client.search_runs([experiment], filter_string="tags.dataset = 'digits'", max_results=1)[0]
-        run_page = chromium("--dump-dom", f"{url}/#/experiments/{experiment}/runs/{run.info.run_id}").stdout
-        assert "test/neg_elbo" in run_page and "test/rate" in run_page
-        screenshot = tmp_path / "mlflow-runs.png"
-        chromium("--window-size=1400,1000", f"--screenshot={screenshot}", f"{url}/#/experiments/{experiment}/runs")
-        assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and screenshot.stat().st_size > 20_000
+        check_mlflow_ui(url, client, {f"{d}/{m}/seed{s}": family_of[m] for d, m, s in run_grid(config)},
+                        tmp_path / "mlflow-runs.png")
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

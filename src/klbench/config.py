@@ -80,6 +80,26 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class JobResources:
+    """What one training job (the seeds of a dataset x model) asks a cluster scheduler for: the
+    `resources` block, overridden per dataset by datasets.<d>.resources. Snakemake passes them
+    to its executor (SLURM: --mem, --time); a local run schedules by --cores and ignores them
+    unless --resources caps mem_mb. A GPU is requested when `device` is cuda."""
+
+    mem_mb: int = setting(2000, "Memory per training job in MB (measured on the default benchmark: median 430, "
+                          "max 1,160).", minimum=1)
+    runtime: int = setting(60, "Wall-time limit per training job in minutes.", minimum=1)
+
+
+def job_resources(config: Mapping[str, Any], dataset: str) -> dict[str, int]:
+    """A training job's resources on `dataset`: the JobResources defaults < `resources` <
+    datasets.<dataset>.resources; gpu 1 where device is cuda (auto may land on a CPU node)."""
+    resources = {**dataclasses.asdict(JobResources()), **config["resources"],
+                 **config["datasets"].get(dataset, {}).get("resources", {})}
+    return {**resources, "gpu": int(config["device"] == "cuda")}
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Everything one training job uses; written to the run's config.json.
 
@@ -189,6 +209,9 @@ def config_schema() -> dict[str, Any]:
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     defs = schema["$defs"]
     defs["train"] = {**schema_of(TrainConfig), "description": "Overrides of the `train` settings."}
+    defs["resources"] = {**schema_of(JobResources), "description": "Overrides of the `resources` settings."}
+    schema["properties"]["resources"] = {**schema_of(JobResources), "default": {},
+                                         "description": "What each training job asks a cluster scheduler for."}
     defs["evaluate"] = {**_union_schema([EvalConfig] + [f.evaluate for f in FAMILIES.values()]),
                         "description": "Overrides of evaluation settings (keys of any family's `evaluate`)."}
     schema["properties"]["evaluate"] = {**schema_of(EvalConfig), "default": {},

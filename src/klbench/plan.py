@@ -46,7 +46,7 @@ def compute_plan(raw_config: Mapping[str, Any]) -> dict[str, Any]:
     """The plan of a config (imports every family): ConfigError for a bad config."""
     from dataclasses import asdict
 
-    from klbench.config import expand_models, run_grid, seed_blocks, validate_config
+    from klbench.config import expand_models, job_resources, run_grid, seed_blocks, validate_config
     from klbench.figures import plan_figures
     from klbench.models import get_family
     from klbench.run import RUN_FILES
@@ -60,7 +60,8 @@ def compute_plan(raw_config: Mapping[str, Any]) -> dict[str, Any]:
     figures = plan_figures([(d, get_family(variants[m]["family"])) for d, m in pairs])
     return {"bench": bench, "grid": [list(point) for point in grid], "blocks": [list(b) for b in blocks],
             "families": {m: variants[m]["family"] for _, m in pairs}, "specs": specs,
-            "figures": [asdict(figure) for figure in figures], "run_files": list(RUN_FILES)}
+            "figures": [asdict(figure) for figure in figures], "run_files": list(RUN_FILES),
+            "resources": {d: job_resources(bench, d) for d in dict.fromkeys(d for d, _ in pairs)}}
 
 
 def workflow_plan(raw_config: Mapping[str, Any], cache_dir: Path) -> dict[str, Any]:

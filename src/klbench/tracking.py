@@ -144,9 +144,17 @@ class RunTracker:
         self._older_finished: list[str] = []
 
     def _timed(self, fn, *args, **kwargs):
+        """fn(...) timed as logging; a store that fails (a tracking server gone, say) is one
+        TrackingError line, not MLflow's retry traceback."""
         start, cpu = time.perf_counter(), time.process_time()
         try:
             return fn(*args, **kwargs)
+        except TrackingError:
+            raise
+        except Exception as error:  # mlflow and requests raise many types for a store gone away
+            raise TrackingError(f"MLflow tracking store {self.uri} failed ({fn.__name__.strip('_')} of run "
+                                f"{self.run_key}): {_first_line(error)}; once it is reachable again, rerun "
+                                "(snakemake --rerun-incomplete)") from None
         finally:
             self.seconds += time.perf_counter() - start
             self.cpu_seconds += time.process_time() - cpu

@@ -9,6 +9,8 @@ rule summary:
     params:
         baselines=" ".join(f"--baseline {f}={m}" for f, m in BENCH["baselines"].items()),
         published=f"--published {shlex.quote(json.dumps(BENCH['published']))}" if BENCH["published"] else "",
+    resources:
+        **LOCAL_RESOURCES,
     log:
         RESULTS + "/logs/summary.log",
     shell:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 from klbench.errors import ConfigError
 from klbench.forkserver import start_server, stop_server
+from klbench.config import job_resources
 from klbench.plan import block_label, job_spec, workflow_plan
 
 try:
@@ -29,6 +30,26 @@ SEED_BLOCKS = [tuple(block) for block in PLAN["blocks"]]
 FIGURES = [SimpleNamespace(**figure) for figure in PLAN["figures"]]
 # (family, dataset, model) of every trained pair: its first seed's figure goes into the report
 PAIRS = list(dict.fromkeys((FAMILY_OF[m], d, m) for d, m, _ in GRID))
+# what a training job asks a cluster scheduler for, per dataset (config `resources`)
+TRAIN_RESOURCES = PLAN["resources"]
+# Aggregation, figures and the report read results files in seconds to minutes: they run on
+# the submitting machine (localrules), and these are what they declare there.
+LOCAL_RESOURCES = {"mem_mb": 2000, "runtime": 30}
+
+
+localrules:
+    all,
+    summary,
+    figures,
+    run_figure,
+    mlflow_summary,
+
+
+def train_resource(name):
+    """A training job's resource `name` for its dataset, as a Snakemake resource callable."""
+    def resource(wildcards):
+        return (TRAIN_RESOURCES.get(wildcards.dataset) or job_resources(BENCH, wildcards.dataset))[name]
+    return resource
 
 
 wildcard_constraints:
@@ -66,14 +87,16 @@ FORK_SERVER = {}
 
 
 onstart:
-    if workflow.cores > (os.cpu_count() or 1):
+    # (a cluster executor has no --cores: its jobs run on other machines)
+    if workflow.local_exec and workflow.cores > (os.cpu_count() or 1):
         print(f"klbench: --cores {workflow.cores} on {os.cpu_count()} CPUs: jobs share the CPUs (on 2 CPUs, "
               "--cores 8 took 10% longer than --cores 2; README, 'Cores')", file=sys.stderr)
     # A new SQLite store crashes when parallel jobs create it at once: create it first.
     shell(f"klbench init-tracking {tracking_args()}")
     # One process holds torch, klbench and MLflow imported; every training job forks from it
-    # (src/klbench/forkserver.py) instead of paying ~4 s of CPU for the imports.
-    if BENCH["fork_server"]:
+    # (src/klbench/forkserver.py) instead of paying ~4 s of CPU for the imports. Only for local
+    # execution: a cluster job must run under its scheduler's limits, on its own node.
+    if BENCH["fork_server"] and workflow.local_exec:
         FORK_SERVER["socket"] = start_server(Path(RESULTS) / "logs" / "fork_server.log")
 
 

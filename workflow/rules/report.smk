@@ -19,6 +19,8 @@ rule figures:
         png=[figure_report(figure) for figure in FIGURES],
         pdf=[f"{RESULTS}/figures/{figure.name}.pdf" for figure in FIGURES],
         captions=f"{RESULTS}/figures/captions.json",
+    resources:
+        **LOCAL_RESOURCES,
     log:
         f"{RESULTS}/logs/figures.log",
     shell:
@@ -36,6 +38,8 @@ rule run_figure:
             subcategory="{dataset}",
             labels={"model": "{model}", "dataset": "{dataset}"},
         ),
+    resources:
+        **LOCAL_RESOURCES,
     shell:
         "cp {input} {output}"
 
@@ -49,6 +53,8 @@ rule mlflow_summary:
         f"{RESULTS}/mlflow_summary.json",
     params:
         uri=f"--uri {BENCH['tracking_uri']}" if BENCH["tracking_uri"] else "",
+    resources:
+        **LOCAL_RESOURCES,
     log:
         f"{RESULTS}/logs/mlflow_summary.log",
     shell:

@@ -17,5 +17,9 @@ for block in SEED_BLOCKS:
                 f"--out {RUN_DIR.format(dataset=wildcards.dataset, model=wildcards.model, seed=seed)}"
                 for seed in block),
         threads: BENCH["threads"]
+        resources:
+            mem_mb=train_resource("mem_mb"),
+            runtime=train_resource("runtime"),
+            gpu=train_resource("gpu"),
         shell:
             "klbench train --spec {params.spec:q} --threads {threads} {params.out} --no-progress > {log} 2>&1"
