@@ -16,8 +16,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import REPO, snakemake_command
-from services import (CHROMIUM, NO_CHROMIUM, MlflowServer, Postgres, SlurmCluster, Unavailable, check_mlflow_ui,
-                      wait_until)
+from services import CHROMIUM, NO_CHROMIUM, MlflowServer, Postgres, SlurmCluster, Unavailable, check_mlflow_ui
 from klbench.config import expand_models, run_grid, seed_blocks
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -176,11 +175,13 @@ def test_a_server_killed_mid_pipeline_fails_its_jobs_in_one_line_and_a_rerun_fin
         workdir = tmp_path / "work"
         command, env = snakemake_command(workdir, SMOKE, tmp_path / "server.yaml", cores=8)
         pipeline = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        wait_until(lambda: list((workdir / "results" / "runs").glob("*/*/seed*/ledger.json")), 300,
-                   "the first finished run")
-        server.kill()
-        output, _ = pipeline.communicate(timeout=600)
-        assert pipeline.returncode != 0, output[-3000:]
+        output = []
+        for line in pipeline.stdout:  # kill the server as soon as Snakemake has one training job done
+            output.append(line)
+            if server.process is not None and re.search(r"Finished jobid: \d+ \(Rule: train_seeds", line):
+                server.kill()
+        pipeline.wait(timeout=600)
+        assert server.process is None and pipeline.returncode != 0, "".join(output)[-3000:]
         done = {key for key in grid if (workdir / "results" / "runs" / key / "ledger.json").exists()}
         assert 0 < len(done) < len(grid)
 

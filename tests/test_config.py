@@ -220,10 +220,47 @@ def test_unreadable_and_invalid_yaml_files(tmp_path):
 def test_config_readme_shows_every_setting_as_the_code_declares_it(repo):
     """config/README.md's tables are `klbench settings`' output: defaults, limits and meaning
     come from one declaration, and the page cannot drift from it."""
-    from klbench.config import EvalConfig, TrainConfig
+    from klbench.config import EvalConfig, JobResources, TrainConfig
     from klbench.models import FAMILIES
     from klbench.settings import settings_table
 
     readme = (repo / "config" / "README.md").read_text()
-    for cls in [TrainConfig, EvalConfig] + [c for f in FAMILIES.values() for c in (f.config, f.evaluate)]:
+    for cls in [TrainConfig, EvalConfig, JobResources] + [c for f in FAMILIES.values() for c in (f.config, f.evaluate)]:
         assert settings_table(cls) in readme, f"config/README.md lacks the current table of {cls.__qualname__}"
+
+
+def test_training_jobs_ask_for_the_configs_resources_per_dataset_and_a_gpu_only_with_cuda(default):
+    from klbench.config import job_resources
+
+    default["resources"] = {"mem_mb": 3000}
+    default["datasets"]["mnist5k"]["resources"] = {"runtime": 240}
+    config = validate_config(default)
+    assert job_resources(config, "checkerboard") == {"mem_mb": 3000, "runtime": 60, "gpu": 0}
+    assert job_resources(config, "mnist5k") == {"mem_mb": 3000, "runtime": 240, "gpu": 0}
+    assert job_resources(validate_config({**default, "device": "cuda"}), "digits")["gpu"] == 1
+    assert job_resources(validate_config({**default, "device": "auto"}), "digits")["gpu"] == 0
+    with pytest.raises(ConfigError, match="resources"):
+        validate_config({**default, "resources": {"memory": 3000}})
+    with pytest.raises(ConfigError, match="runtime"):
+        validate_config({**default, "resources": {"runtime": 0}})
+
+
+@pytest.mark.slow
+def test_the_workflow_gives_training_jobs_those_resources(repo, tmp_path):
+    """(That aggregation, figures and the report stay local is checked on a real SLURM cluster:
+    tests/test_cluster.py finds only the training jobs in sacct.)"""
+    import subprocess
+
+    from conftest import snakemake_command
+
+    override = tmp_path / "resources.yaml"
+    override.write_text("resources: {mem_mb: 3000}\ndatasets: {digits: {resources: {runtime: 90}}}\n")
+    command, env = snakemake_command(tmp_path, repo / "config" / "smoke.yaml", override, args=("--dry-run",))
+    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    jobs = (out.stdout + out.stderr).split("\nrule ")[1:]
+    train = [job for job in jobs if job.startswith("train_seeds_")]
+    assert train and all("mem_mb=3000" in job and "gpu=0" in job for job in train)
+    assert all(("runtime=90" in job) == ("/digits/" in job) for job in train)
+    local = [job for job in jobs if job.startswith(("summary", "figures", "mlflow_summary", "run_figure"))]
+    assert local and all("mem_mb=2000" in job and "runtime=30" in job for job in local)

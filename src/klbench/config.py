@@ -39,7 +39,8 @@ class TrainConfig:
 
     The budget is optimizer steps; epochs follow from it (steps x batch_size / n_train). The
     learning rate warms up linearly over the first `warmup` share of the steps, then follows the
-    schedule. The model kept is the one with the best validation neg_elbo (train.py)."""
+    schedule. The model kept is the one with the best validation neg_elbo, or the best value of the
+    bound the model trains on where that is another (IWAE's -L_k; train.py)."""
 
     steps: int = setting(4000, "Optimizer steps: the training budget (epochs follow from it).", minimum=1)
     batch_size: int = setting(128, "Examples per gradient step.", minimum=1)
@@ -60,8 +61,9 @@ class TrainConfig:
     validation_samples: int = setting(1, "Monte Carlo draws per example of each validation ledger (the same draws "
                                       "at every evaluation). Diffusion's one-draw estimate is noisy; more draws make "
                                       "the checkpoint choice and the convergence verdict less so.", minimum=1)
-    converged_tol: float = setting(0.01, "A run has converged when its best validation neg_elbo improved by less "
-                                   "than this (nats per example) over the last 10% of its steps.", minimum=0)
+    converged_tol: float = setting(0.01, "A run has converged when its best validation neg_elbo (IWAE: -L_k) "
+                                   "improved by less than this (nats per example) over the last 10% of its steps.",
+                                   minimum=0)
     stack_seeds: bool = setting(False, "Train the seeds of one job as one stacked model (torch.func.vmap, each "
                                 "seed's noise from its own generator) rather than one after another. The same "
                                 "results; on a CPU no faster for small MLPs (tests/benchmarks/bench_seeds.py).")

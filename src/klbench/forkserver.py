@@ -130,6 +130,9 @@ def _run_child(connection: socket.socket, fds: list[int], request: dict[str, Any
         os.environ.clear()
         os.environ.update(request["env"])
         os.environ.pop(SOCKET_ENV, None)  # the child runs the job itself
+        from klbench.tracking import set_environment_defaults
+
+        set_environment_defaults()  # the client's environment replaced the one set on import
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         threading.Thread(target=_watch_client, args=(connection,), daemon=True).start()

@@ -26,13 +26,20 @@ MAX_METRICS_PER_BATCH, MAX_PARAMS_PER_BATCH = 1000, 100
 # evaluation would cost more than short evaluation intervals; every few seconds still shows live curves in the UI.
 FLUSH_SECONDS = 5.0
 
-# Quiet MLflow's INFO chatter in job logs, unless the user asked for it.
-os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-# An unreachable tracking server should fail a job in seconds, not after MLflow's default
-# minutes of retries with backoff; set these yourself for a flaky remote server.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+def set_environment_defaults() -> None:
+    """MLflow settings klbench's jobs run with unless the user set them: called on import, and
+    again by a fork-server child once it has taken its client's environment."""
+    # Quiet MLflow's INFO chatter and its "View run at" links in job logs.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # An unreachable tracking server should fail a job in seconds, not after MLflow's default
+    # minutes of retries with backoff; set these yourself for a flaky remote server.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+set_environment_defaults()
 
 
 def resolve_tracking_uri(config_uri: str | None) -> str:
@@ -122,6 +129,11 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[i : i + size]
 
 
+# what each timed call of a RunTracker does, for the one line of a store that fails mid-run
+ACTIONS = {"_start": "creating the run", "_queue": "logging the metrics", "_flush": "logging the metrics",
+           "log_artifact": "uploading the artifacts", "_finish": "closing the run"}
+
+
 class RunTracker:
     """One MLflow run for one training job.
 
@@ -152,8 +164,9 @@ class RunTracker:
         except TrackingError:
             raise
         except Exception as error:  # mlflow and requests raise many types for a store gone away
-            raise TrackingError(f"MLflow tracking store {self.uri} failed ({fn.__name__.strip('_')} of run "
-                                f"{self.run_key}): {_first_line(error)}; once it is reachable again, rerun "
+            action = ACTIONS.get(fn.__name__, fn.__name__)
+            raise TrackingError(f"MLflow tracking store {self.uri} failed while {action} of {self.run_key}: "
+                                f"{_first_line(error)}; once it is reachable again, rerun "
                                 "(snakemake --rerun-incomplete)") from None
         finally:
             self.seconds += time.perf_counter() - start
