@@ -198,7 +198,7 @@ def test_a_server_killed_mid_pipeline_fails_its_jobs_in_one_line_and_a_rerun_fin
               + next(line for line in failed[0].read_text().splitlines() if line.startswith("klbench: error:")))
 
         server.start()  # the same port and database: the jobs find their runs again
-        result, seconds = run(command, env)  # the default profile has rerun-incomplete
+        result, seconds = run([*command, "--rerun-incomplete"], env)  # (the default profile sets it too)
         assert result.returncode == 0, result.stderr[-4000:]
         client = MlflowClient(server.url)
         assert finished_runs(client, set(grid.values())) == Counter(list(grid))  # exactly one FINISHED run per key

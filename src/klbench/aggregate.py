@@ -243,9 +243,9 @@ def ledger_markdown(stats: pd.DataFrame, metrics: list[str], published: list[dic
             rows.append({"model": REFERENCE_MODEL, "family": "", "neg_elbo": f"{reference['mean'].iloc[0]:.3f}"})
         parts.append(f"### {dataset}\n\nmean ± std over seeds, nats per example (bpd: bits per dimension); "
                      "nll_bound: -L_k at the largest k; † (n/m): n of the m runs did not converge (their "
-                     "validation -ELBO still improved by more than train.converged_tol over the last 10% of "
-                     "steps); (dirty): some runs came from a git tree with uncommitted changes\n\n"
-                     + pd.DataFrame(rows).fillna("").to_markdown(index=False)
+                     "validation -ELBO, IWAE: -L_k, still improved by more than train.converged_tol over the last "
+                     "10% of steps); (dirty): some runs came from a git tree with uncommitted changes\n\n"
+                     + pd.DataFrame(rows).astype(object).fillna("").to_markdown(index=False)
                      + "".join(f"\n\npublished: {source}" for source in dict.fromkeys(
                          p["source"] for p in published if p["dataset"] == dataset)))
     return "\n\n".join(parts) + "\n"

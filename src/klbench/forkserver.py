@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 SOCKET_ENV = "KLBENCH_FORK_SERVER"
+SOCKET_DIR_PREFIX = "klbench-fork-"  # the temporary folder of a pipeline's socket, removed when the server exits
 HEADER = struct.Struct("!I")  # length of the JSON request that follows
 
 
@@ -101,6 +102,11 @@ def serve(path: Path, idle: float, info: Path | None = None) -> None:
     finally:
         server.close()
         path.unlink(missing_ok=True)
+        if path.parent.name.startswith(SOCKET_DIR_PREFIX):  # the folder start_server made for it
+            try:
+                path.parent.rmdir()
+            except OSError:
+                pass
 
 
 def _receive(connection: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
@@ -209,7 +215,7 @@ def start_server(log: Path, idle: float = 120.0) -> str | None:
     import tempfile
 
     # a short path: Unix socket paths are limited to about 100 bytes
-    path = Path(tempfile.mkdtemp(prefix="klbench-")) / "fork.sock"
+    path = Path(tempfile.mkdtemp(prefix=SOCKET_DIR_PREFIX)) / "fork.sock"
     log.parent.mkdir(parents=True, exist_ok=True)
     info = log.with_suffix(".json")
     with log.open("w") as handle:
