@@ -66,31 +66,33 @@ def test_convergence_compares_the_best_validation_before_and_within_the_last_ten
     assert overfit.converged and overfit.best_step == 300 and overfit.improvement < 0
 
 
-def test_an_iwae_is_selected_and_judged_on_its_own_bound_not_on_the_elbo():
+def test_an_iwae_is_selected_and_judged_on_its_own_objective_not_on_the_elbo():
     """IWAE-k trains -L_k; its ELBO may rise while -L_k falls. The curve below keeps step 200
     on the ELBO but step 1000 on the bound, and only the bound's verdict is 'still improving'."""
     elbo = [3.0, 2.8, 2.9, 3.0, 3.1, 3.2, 3.3, 3.4, 3.5, 3.6]
     bound = [2.9, 2.7, 2.6, 2.5, 2.4, 2.3, 2.2, 2.1, 2.0, 1.9]
-    curve = [(100 * (i + 1), {"neg_elbo": e, "bound": b}) for i, (e, b) in enumerate(zip(elbo, bound))]
+    curve = [(100 * (i + 1), {"neg_elbo": e, "objective": b}) for i, (e, b) in enumerate(zip(elbo, bound))]
     on_elbo, on_bound = Selection.judge(curve, 1000, 0.01), Selection.judge(curve, 1000, 0.01, "-L_5")
     assert (on_elbo.best_step, on_elbo.converged) == (200, True)
     assert (on_bound.best_step, on_bound.converged, on_bound.selected_on) == (1000, False, "-L_5")
-    assert on_bound.to_dict()["best_val_bound"] == 1.9
+    assert on_bound.to_dict()["best_val_objective"] == 1.9
 
 
 def test_a_trained_iwae_keeps_its_best_validation_minus_l_k_and_it_lies_below_its_elbo():
     x, val = ring(2000, 1), ring(500, 2)
     torch.manual_seed(0)
     model = VAE(Config(latent_dim=2, hidden=[32], k=5), 2, "continuous")
-    assert model.own_bound == "-L_5" and VAE(Config(k=5, objective="elbo"), 2, "continuous").own_bound is None
+    assert model.own_objective == "-L_5" and VAE(Config(k=5, objective="elbo"), 2, "continuous").own_objective is None
+    assert VAE(Config(beta=0.25), 2, "continuous").own_objective == "distortion + 0.25 rate"
+    assert VAE(Config(), 2, "continuous").own_objective is None  # the plain VAE trains its ledger's ELBO
     config = TrainConfig(steps=400, batch_size=64, lr=3e-3, warmup=0, schedule="constant", evaluations=8,
                          validation_samples=4)
     group, history, selection = train(model, x, val, config)
     curve = [row for row in history if row["split"] == "val"]
-    assert selection.selected_on == "-L_5" and selection.best_step == min(curve, key=lambda r: r["bound"])["step"]
-    assert all(row["bound"] < row["neg_elbo"] for row in curve)  # L_5 >= ELBO
-    (again,) = group.held_out((val,), 4, "own_bound_terms")  # the fixed evaluation noise reproduces it
-    assert again.terms["bound"].double().mean().item() == pytest.approx(selection.best["bound"], abs=1e-6)
+    assert selection.selected_on == "-L_5" and selection.best_step == min(curve, key=lambda r: r["objective"])["step"]
+    assert all(row["objective"] < row["neg_elbo"] for row in curve)  # L_5 >= ELBO
+    (again,) = group.held_out((val,), 4, "own_objective_terms")  # the fixed evaluation noise reproduces it
+    assert again.terms["objective"].double().mean().item() == pytest.approx(selection.best["objective"], abs=1e-6)
 
 
 def test_fresh_draws_give_every_batch_new_examples_from_each_seeds_own_stream():
@@ -116,3 +118,17 @@ def test_passes_reshuffle_the_split_every_epoch_and_cover_it_once_per_pass():
         assert [(index, per_pass) for _, index, per_pass in one_pass] == [(0, 3), (1, 3), (2, 3)]
         assert sorted(torch.cat([batch[0] for batch, _, _ in one_pass]).flatten().tolist()) == list(range(10))
     assert not torch.equal(passes[0][0][0][0], passes[1][0][0][0])
+
+
+def test_a_beta_vae_is_selected_on_distortion_plus_beta_rate_with_its_evaluation_noise():
+    """own_objective_terms of a beta-VAE is D + beta R per example, averaged over the draws: the
+    same draws give exactly the ledger's D + beta R."""
+    x = ring(300, 3)
+    torch.manual_seed(0)
+    model = VAE(Config(latent_dim=2, hidden=[16], beta=0.25), 2, "continuous")
+    torch.manual_seed(5)
+    objective = model.own_objective_terms(x, samples=3)["objective"]
+    torch.manual_seed(5)
+    draws = [model.objective(x)[1] for _ in range(3)]
+    expected = torch.stack([d["distortion"] + 0.25 * d["rate"] for d in draws]).mean(0)
+    assert torch.allclose(objective, expected, rtol=0, atol=1e-6)

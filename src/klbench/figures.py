@@ -461,8 +461,9 @@ def training_curves(summary: pd.DataFrame, stem: Path, runs_dir: Path, options: 
         if history.empty:
             continue
         predicts = (runs["task"] != "density").all()
-        # "bound": the validation bound a model trains on where it is not the ELBO (IWAE's -L_k)
-        columns = [t for t in (*_terms(runs), "neg_elbo", "bound") if t in history and history[t].notna().any()]
+        # "objective": what a model trains on where it is not the ELBO (IWAE's -L_k, beta-VAE's D + beta R)
+        columns = [t for t in (*_terms(runs), "neg_elbo", "objective")
+                   if t in history and history[t].notna().any()]
         datasets = list(history["dataset"].unique())
         plt, fig, axes = _panels(len(datasets) * len(columns), len(columns), (4.4, 3.2))
         for i, dataset in enumerate(datasets):
@@ -480,7 +481,7 @@ def training_curves(summary: pd.DataFrame, stem: Path, runs_dir: Path, options: 
                     low, high = late.min(), late.max()
                     pad = 0.08 * (high - low) or 0.05 * abs(high) or 0.1
                     ax.set_ylim(low - pad, high + pad)
-                title = {"neg_elbo": "−ELBO", "bound": "own bound (IWAE: −L_k), selected on"}.get(column, column)
+                title = {"neg_elbo": "−ELBO", "objective": "own objective (IWAE −L_k, β-VAE D+βR)"}.get(column, column)
                 ax.set_title(f"{dataset}: {title}", fontsize=10)
                 ax.set_xlabel("optimizer step")
                 ax.set_ylabel(NATS + (" (labels)" if predicts else ""))

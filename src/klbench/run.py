@@ -239,7 +239,7 @@ def train_group(group: OneSeed | StackedSeeds, members: list[int], runs: list[Ru
         if not progress:
             _log_line(f"step {step}/{config.steps}  " + "  ".join(
                 f"seed{runs[i].seed} train {m['train']['neg_elbo']:.4f} val {m['val']['neg_elbo']:.4f}"
-                + (f" (own bound {m['val']['bound']:.4f})" if "bound" in m["val"] else "")
+                + (f" (own objective {m['val']['objective']:.4f})" if "objective" in m["val"] else "")
                 for i, m in zip(members, per_seed)))
 
     logged = [(trackers[i].seconds, trackers[i].cpu_seconds) for i in members]

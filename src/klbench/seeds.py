@@ -146,9 +146,9 @@ class OneSeed:
         self.model, self.seeds, self.size = model, [seed], 1
 
     @property
-    def own_bound(self) -> str | None:
-        """The bound the model trains on where it is not its ledger's ELBO (models/family.py)."""
-        return getattr(self.model, "own_bound", None)
+    def own_objective(self) -> str | None:
+        """What the model trains on where it is not its ledger's ELBO (models/family.py)."""
+        return getattr(self.model, "own_objective", None)
 
     def parameters(self) -> list[Tensor]:
         return list(self.model.parameters())
@@ -200,8 +200,8 @@ class StackedSeeds:
         self._requests: dict[tuple, list[tuple[str, torch.Size, torch.dtype]]] = {}
 
     @property
-    def own_bound(self) -> str | None:
-        return getattr(self._models[0], "own_bound", None)
+    def own_objective(self) -> str | None:
+        return getattr(self._models[0], "own_objective", None)
 
     def parameters(self) -> list[Tensor]:
         return list(self.params.values())

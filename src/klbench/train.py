@@ -10,9 +10,10 @@ bar when someone is watching.
 
 Model selection sees only the validation split: every seed keeps the weights of its
 evaluation with the lowest validation criterion (`Selection`); the test split is scored once,
-after training, by the caller. The criterion is the bound the model trains on: neg_elbo, or
-the model's `own_bound` where it trains on another (IWAE's -L_k: its ELBO may rise while
--L_k falls, so choosing on the ELBO would keep an early checkpoint). A run has converged when
+after training, by the caller. The criterion is what the model trains on: neg_elbo, or the
+model's `own_objective` where that is another (IWAE's -L_k, whose ELBO may rise while -L_k
+falls; a beta-VAE's distortion + beta rate, whose ELBO worsens as beta < 1 buys rate):
+choosing those on the ELBO would keep an early checkpoint of a different model. A run has converged when
 its best validation criterion improved by less than train.converged_tol over the last 10% of
 its steps.
 
@@ -57,25 +58,25 @@ class Selection:
     best: dict[str, float]
     improvement: float  # best validation criterion before the last 10% of steps minus the best within them
     converged: bool
-    criterion: str = "neg_elbo"  # the key of `best` chosen on: neg_elbo, or "bound" (the model's own_bound)
-    selected_on: str = "neg_elbo"  # its name for people: neg_elbo, or the own_bound's label ("-L_5")
+    criterion: str = "neg_elbo"  # the key of `best` chosen on: neg_elbo, or "objective" (the model's own_objective)
+    selected_on: str = "neg_elbo"  # its name for people: neg_elbo, or the own_objective's label ("-L_5")
 
     @classmethod
     def judge(cls, curve: list[tuple[int, dict[str, float]]], steps: int, tol: float,
-              own_bound: str | None = None) -> "Selection":
+              own_objective: str | None = None) -> "Selection":
         """The selection from (step, validation means) at every evaluation."""
-        key = "neg_elbo" if own_bound is None else "bound"
+        key = "neg_elbo" if own_objective is None else "objective"
         best_step, best = min(curve, key=lambda point: point[1][key])
         boundary = steps * (1 - CONVERGENCE_WINDOW)
         before = min(m[key] for step, m in curve if step <= boundary)
         within = min((m[key] for step, m in curve if step > boundary), default=before)
-        return cls(best_step, best, before - within, before - within < tol, key, own_bound or "neg_elbo")
+        return cls(best_step, best, before - within, before - within < tol, key, own_objective or "neg_elbo")
 
     def to_dict(self) -> dict[str, float | int | bool | str]:
         out = {"best_step": self.best_step, "converged": self.converged, "selected_on": self.selected_on,
                "improvement_last_10pct": self.improvement, "best_val_neg_elbo": self.best["neg_elbo"]}
         if self.criterion != "neg_elbo":
-            out["best_val_bound"] = self.best[self.criterion]
+            out["best_val_objective"] = self.best[self.criterion]
         return out
 
 
@@ -110,8 +111,8 @@ def fit(
     curves: list[list[tuple[int, dict[str, float]]]] = [[] for _ in range(group.size)]
     best: list[tuple[float, dict[str, Tensor]] | None] = [None] * group.size
     checkpoints = set(evaluation_steps(config))
-    own_bound = group.own_bound
-    criterion = "neg_elbo" if own_bound is None else "bound"
+    own_objective = group.own_objective
+    criterion = "neg_elbo" if own_objective is None else "objective"
     bar = None
     if progress:
         from tqdm import tqdm
@@ -141,11 +142,12 @@ def fit(
         means = [{"train": values} for values in running.means()]
         running, objective_sum = RunningMeans(), torch.zeros(group.size, device=device)
         ledgers = group.held_out(validation, samples=config.validation_samples)
-        bounds = None if own_bound is None else group.held_out(validation, config.validation_samples, "own_bound_terms")
+        own = None if own_objective is None else group.held_out(validation, config.validation_samples,
+                                                                "own_objective_terms")
         for s, (entry, ledger) in enumerate(zip(means, ledgers)):
             entry["val"] = ledger.means()
-            if bounds is not None:
-                entry["val"]["bound"] = bounds[s].terms["bound"].double().mean().item()
+            if own is not None:
+                entry["val"]["objective"] = own[s].terms["objective"].double().mean().item()
             if not all(np.isfinite(v) for v in entry["val"].values()):
                 raise TrainingError(f"validation ledger is NaN/inf at step {step} (seed {seeds[s]}); "
                                     f"lower train.lr (now {config.lr:g})")
@@ -168,7 +170,7 @@ def fit(
     for s, (_, weights) in enumerate(best):
         group.restore(s, weights)
     group.train(False)
-    return histories, [Selection.judge(curve, config.steps, config.converged_tol, own_bound) for curve in curves]
+    return histories, [Selection.judge(curve, config.steps, config.converged_tol, own_objective) for curve in curves]
 
 
 def fit_model(model: torch.nn.Module, train: tuple[Tensor, ...], validation: tuple[Tensor, ...], config: TrainConfig,

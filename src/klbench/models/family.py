@@ -12,10 +12,11 @@ The model that `build(config, dataset)` returns is an nn.Module with
 
 terms being per-example tensors (B,) in nats, unweighted, named as `Family.terms` (DESIGN.md,
 "The ledger contract"); the objective is a scalar and may weight them (beta, annealing).
-A model that trains on a bound other than the ELBO its ledger sums to (IWAE's -L_k) names it
-in the attribute `own_bound` (a label such as "-L_5") and provides
+A model that trains on something other than the ELBO its ledger sums to (IWAE's -L_k, a
+beta-VAE's distortion + beta rate) names it in the attribute `own_objective` (a label such as
+"-L_5") and provides
 
-    own_bound_terms(*batch, samples) -> {"bound": (B,)}              for model selection
+    own_objective_terms(*batch, samples) -> {"objective": (B,)}          for model selection
 
 so that its checkpoint is chosen, and its convergence judged, on what it optimises.
 batch_index of num_batches is the batch's position in the epoch (for minibatch KL weighting).

@@ -133,10 +133,11 @@ class VAE(nn.Module):
 
     # --- what the training loop and the evaluation call -------------------------------
 
-    def loss(self, x: Tensor, batch_index: int, num_batches: int) -> tuple[Tensor, dict[str, Tensor]]:
-        """Training objective (scalar, weighted by beta / importance-weighted for k > 1)
-        and the unweighted per-example ledger terms of this batch. The VAE weights every
-        batch alike, so the batch position is unused."""
+    def objective(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The training objective per example (B,): distortion + beta rate for one draw (k = 1);
+        with k draws the mean of their k-sample ELBO terms (objective elbo) or IWAE's
+        -log (1/k) sum_i w_i with beta-weighted log w_i (objective iwae); and the unweighted
+        per-example ledger terms of the first draw."""
         y = self.observe(x)
         mu, logvar = self.encode(y)
         z = self.sample_posterior(mu, logvar, self.config.k)  # (k, B, L)
@@ -153,7 +154,27 @@ class VAE(nn.Module):
             distortion = distortions[0]
             log_w = self.config.beta * (self.log_prior(z) - log_normal_diag(z, mu, logvar)) - distortions  # (k, B)
             objective = -(torch.logsumexp(log_w, 0) - math.log(self.config.k))
-        return objective.mean(), {"rate": rate.detach(), "distortion": distortion.detach()}
+        return objective, {"rate": rate, "distortion": distortion}
+
+    def loss(self, x: Tensor, batch_index: int, num_batches: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """Training objective (scalar, the mean of `objective`) and the unweighted per-example
+        ledger terms of this batch. The VAE weights every batch alike: the batch position is unused."""
+        objective, terms = self.objective(x)
+        return objective.mean(), {name: value.detach() for name, value in terms.items()}
+
+    @property
+    def own_objective(self) -> str | None:
+        """What training minimises where it is not the ELBO the ledger sums to (models/family.py):
+        IWAE's -L_k (k > 1, objective iwae), or distortion + beta rate (beta != 1)."""
+        beta = self.config.beta
+        if self.config.k > 1 and self.config.objective == "iwae":
+            return f"-L_{self.config.k}" + (f" (beta {beta:g})" if beta != 1 else "")
+        return None if beta == 1 else f"distortion + {beta:g} rate"
+
+    @torch.no_grad()
+    def own_objective_terms(self, x: Tensor, samples: int) -> dict[str, Tensor]:
+        """The training objective per example, averaged over `samples` independent draws."""
+        return {"objective": torch.stack([self.objective(x)[0] for _ in range(samples)]).mean(0)}
 
     @torch.no_grad()
     def ledger_terms(self, x: Tensor, samples: int) -> dict[str, Tensor]:
@@ -162,19 +183,6 @@ class VAE(nn.Module):
         mu, logvar = self.encode(y)
         z = self.sample_posterior(mu, logvar, samples)
         return {"rate": self.rate(mu, logvar, z), "distortion": self.distortion(y, z).mean(0)}
-
-    @property
-    def own_bound(self) -> str | None:
-        """IWAE (k > 1, objective iwae) trains on -L_k, not on the ELBO its ledger sums to."""
-        return f"-L_{self.config.k}" if self.config.k > 1 and self.config.objective == "iwae" else None
-
-    @torch.no_grad()
-    def own_bound_terms(self, x: Tensor, samples: int) -> dict[str, Tensor]:
-        """-L_k per example (unweighted, k of training), averaged over `samples` groups of k
-        draws: -log (1/k) sum_i w_i."""
-        k = self.config.k
-        log_w = self.log_importance_weights(x, k * samples).view(samples, k, -1)
-        return {"bound": -(torch.logsumexp(log_w, 1) - math.log(k)).mean(0)}
 
     @torch.no_grad()
     def log_importance_weights(self, x: Tensor, k: int) -> Tensor:
