@@ -244,8 +244,16 @@ class Postgres:
         self.root = Path(tempfile.mkdtemp(prefix="klbench-pg-"))
         self.port = free_port()
         self.bin: Path | None = None
+        self._as_postgres: list[str] = []
 
     def start(self) -> "Postgres":
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> "Postgres":
         candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
         if not candidates:
             raise Unavailable("PostgreSQL is not installed (Debian: apt-get install postgresql; .ci/run installs it)")
@@ -254,7 +262,7 @@ class Postgres:
         if os.geteuid() == 0:
             if shutil.which("runuser") is None or _run("id", "postgres").returncode != 0:
                 raise Unavailable("PostgreSQL will not run as root, and there is no `postgres` user to run it as")
-            as_postgres = ["runuser", "-u", "postgres", "--"]
+            as_postgres = self._as_postgres = ["runuser", "-u", "postgres", "--"]
             shutil.chown(self.root, "postgres")
         self.root.chmod(0o755)
         data, log = self.root / "data", self.root / "postgres.log"
@@ -266,7 +274,6 @@ class Postgres:
         if result.returncode != 0:
             tail = log.read_text(errors="replace")[-500:] if log.exists() else result.stderr
             raise Unavailable(f"PostgreSQL did not start: {tail.strip()}")
-        self._as_postgres = as_postgres
         return self
 
     def create_database(self, name: str) -> str:
@@ -278,7 +285,7 @@ class Postgres:
         return f"postgresql+psycopg://{name}:{name}@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:
-        if self.bin is not None:
+        if self.bin is not None and (self.root / "data" / "postmaster.pid").exists():
             _run(*self._as_postgres, str(self.bin / "pg_ctl"), "-D", str(self.root / "data"), "-m", "immediate",
                  "stop")
         shutil.rmtree(self.root, ignore_errors=True)

@@ -46,16 +46,20 @@ def run(command: list[str], env: dict, timeout: float = 900) -> tuple[subprocess
 # --- SLURM -----------------------------------------------------------------------------------
 
 
+def started(service, module: str, extra: str, what: str):
+    """Start a service of tests/services.py, or skip saying why it cannot run here."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f'{module} is not installed (pip install -e ".[{extra}]")')
+    try:
+        return service.start()
+    except Unavailable as why:
+        pytest.skip(f"no {what} on this machine: {why}")
+
+
 @pytest.fixture(scope="module")
 def slurm():
-    if importlib.util.find_spec("snakemake_executor_plugin_slurm") is None:
-        pytest.skip('snakemake-executor-plugin-slurm is not installed (pip install -e ".[slurm]")')
     cluster = SlurmCluster()
-    try:
-        cluster.start()
-    except Unavailable as why:
-        pytest.skip(f"no one-node SLURM cluster on this machine: {why}")
-    yield cluster
+    yield started(cluster, "snakemake_executor_plugin_slurm", "slurm", "one-node SLURM cluster")
     cluster.stop()
 
 
@@ -92,14 +96,8 @@ def test_the_smoke_pipeline_runs_through_slurm_and_every_training_job_is_in_sacc
 
 @pytest.fixture(scope="module")
 def postgres():
-    if importlib.util.find_spec("psycopg") is None:
-        pytest.skip('psycopg is not installed (pip install -e ".[server]")')
     database = Postgres()
-    try:
-        database.start()
-    except Unavailable as why:
-        pytest.skip(f"no PostgreSQL on this machine: {why}")
-    yield database
+    yield started(database, "psycopg", "server", "PostgreSQL")
     database.stop()
 
 

@@ -56,10 +56,11 @@ def test_every_smoke_run_trains_only_a_few_steps(repo):
 
 
 def test_train_settings_resolve_global_then_dataset_then_model(default):
-    default["datasets"]["eight_gaussians"]["train"] = {"steps": 7000, "lr": 0.01}
+    # a dataset without per-family budgets (the default's toys set the VAEs' own)
+    default["datasets"]["two_moons"] = {"train": {"steps": 7000, "lr": 0.01}}
     default["models"]["vae"]["train"] = {"lr": 0.02}
     config = validate_config(default)
-    run = resolve_run(config, "eight_gaussians", "vae", 1)
+    run = resolve_run(config, "two_moons", "vae", 1)
     assert (run.train.steps, run.train.lr, run.train.batch_size) == (7000, 0.02, config["train"]["batch_size"])
     assert resolve_run(config, "mnist5k", "map", 0).train.steps == config["datasets"]["mnist5k"]["train"]["steps"]
 

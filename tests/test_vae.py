@@ -191,6 +191,29 @@ def test_discrete_distortion_includes_the_dequantization_term():
     torch.testing.assert_close(model.distortion(y, z), -(density_in_y - x.shape[1] * math.log(17)))
 
 
+def test_an_amortized_decoder_std_is_the_normal_density_of_the_decoders_own_mean_and_scale():
+    """decoder_scale: amortized: the decoder outputs [mean, log std] per dimension (Kingma &
+    Welling 2014's Gaussian MLP decoder); the distortion is torch.distributions.Normal's -log p,
+    and the same for discrete data after dequantization, plus D log L."""
+    x = continuous_data()
+    torch.manual_seed(0)
+    model = VAE(make_config(decoder_scale="amortized"), x.shape[1], "continuous")
+    assert model.decoder[-1].out_features == 2 * x.shape[1] and not hasattr(model.likelihood, "log_scale")
+    z = torch.randn(2, len(x), 3)
+    mean, log_std = model.decoder(z).chunk(2, dim=-1)
+    expected = -torch.distributions.Normal(mean, log_std.exp()).log_prob(x).sum(-1)
+    torch.testing.assert_close(model.distortion(x, z), expected)
+    levels = 17
+    counts = x.mul(3).add(8).round().clamp(0, levels - 1)
+    discrete = VAE(make_config(decoder_scale="amortized"), x.shape[1], "discrete", levels=levels)
+    y = discrete.observe(counts)
+    mean, log_std = discrete.decoder(z).chunk(2, dim=-1)
+    expected = -torch.distributions.Normal(mean, log_std.exp()).log_prob(y).sum(-1) + x.shape[1] * math.log(levels)
+    torch.testing.assert_close(discrete.distortion(y, z), expected)
+    draws = model.sample(20_000)  # x ~ d(x|z) m(z): the decoder's own std in the draws
+    assert draws.shape == (20_000, x.shape[1]) and torch.isfinite(draws).all()
+
+
 def test_non_finite_loss_stops_training_with_a_clear_error():
     x = continuous_data()
     x[5, 0] = float("nan")

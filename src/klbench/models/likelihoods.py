@@ -2,8 +2,9 @@
 
 Shared by the families that decode x (the VAE, the semi-supervised VAE):
 - binary: Bernoulli with logits h.
-- continuous: Gaussian with mean h and a learned std (per dimension or one shared value), so
-  the distortion is a proper negative log-density.
+- continuous: Gaussian with mean h and a learned std: per dimension or one shared value, or
+  amortized, a function of the decoder's input (h = [mean, log std], as the Gaussian MLP
+  decoder of Kingma & Welling 2014), so the distortion is a proper negative log-density.
 - discrete (integers 0..L-1): uniform dequantization y = (x + u) / L, u ~ U[0,1)^D, and a
   Gaussian on y. Then -log P(x) <= E_u[-log p(y)] + D log L (Theis et al. 2016), so the
   negative log-likelihood includes the D log L term and bounds -log P of the discrete data.
@@ -19,7 +20,7 @@ from torch import Tensor, nn
 from klbench.kl import log_normal_diag
 
 KINDS = ("continuous", "binary", "discrete")
-SCALES = ("diagonal", "isotropic")
+SCALES = ("diagonal", "isotropic", "amortized")
 # Keep exp(logvar) finite in float32 early in training; no trained model comes near these.
 LOGVAR_MIN, LOGVAR_MAX = -14.0, 10.0
 
@@ -46,8 +47,20 @@ class DataLikelihood(nn.Module):
         if kind not in KINDS:
             raise ValueError(f"data kind must be one of {KINDS}, got {kind!r}")
         self.dim, self.kind, self.levels = dim, kind, levels
-        if kind != "binary":
+        self.amortized = scale == "amortized" and kind != "binary"
+        if kind != "binary" and not self.amortized:
             self.log_scale = nn.Parameter(torch.zeros(dim if scale == "diagonal" else 1))
+
+    @property
+    def out_features(self) -> int:
+        """Width of h, the decoder network's output: D, or 2D with an amortized std."""
+        return 2 * self.dim if self.amortized else self.dim
+
+    def _mean_log_scale(self, out: Tensor) -> tuple[Tensor, Tensor]:
+        if self.amortized:
+            mean, log_scale = out.chunk(2, dim=-1)
+            return mean, log_scale
+        return out, self.log_scale.expand_as(out)
 
     def observe(self, x: Tensor) -> Tensor:
         """The variable the decoder models: x itself, or dequantized y = (x + u) / L."""
@@ -62,8 +75,8 @@ class DataLikelihood(nn.Module):
         than as the negation of log d: the training step runs no extra negations."""
         if self.kind == "binary":
             return nn.functional.binary_cross_entropy_with_logits(out, y.expand_as(out), reduction="none").sum(-1)
-        logvar = (2 * self.log_scale).clamp(LOGVAR_MIN, LOGVAR_MAX).expand_as(out)
-        neg_log_density = -log_normal_diag(y, out, logvar)
+        mean, log_scale = self._mean_log_scale(out)
+        neg_log_density = -log_normal_diag(y, mean, (2 * log_scale).clamp(LOGVAR_MIN, LOGVAR_MAX))
         if self.kind == "discrete":
             # change of variables from y in [0,1)^D back to integer units: p(x + u) = p(y) / L^D
             neg_log_density = neg_log_density + self.dim * math.log(self.levels)
@@ -74,6 +87,8 @@ class DataLikelihood(nn.Module):
         of the density), means for images (the usual display)."""
         if self.kind == "binary":
             return torch.sigmoid(out)
+        mean, log_scale = self._mean_log_scale(out)
         if self.kind == "discrete":
-            return (out * self.levels).clamp(0, self.levels - 1)
-        return out + self.log_scale.exp() * torch.randn_like(out)
+            return (mean * self.levels).clamp(0, self.levels - 1)
+        std = (0.5 * (2 * log_scale).clamp(LOGVAR_MIN, LOGVAR_MAX)).exp()
+        return mean + std * torch.randn_like(mean)

@@ -105,8 +105,9 @@ class Config:
                               minimum=0)
     alpha: float = setting(0.1, "Weight of the classification term per example, alpha in alpha*N of "
                            "Kingma et al. eq. 9 (training only, not a ledger term).", exclusiveMinimum=0)
-    decoder_scale: Literal["diagonal", "isotropic"] = setting(
-        "diagonal", "Decoder std for continuous/discrete data: one per dimension or one shared.")
+    decoder_scale: Literal["diagonal", "isotropic", "amortized"] = setting(
+        "diagonal", "Decoder std for continuous/discrete data: one per dimension, one shared, or amortized "
+        "(a function of z and y).")
 
 
 def combine_classes(log_q_y: Tensor, rate: Tensor, distortion: Tensor) -> dict[str, Tensor]:
@@ -136,7 +137,7 @@ class M2(nn.Module):
         latent = config.latent_dim
         self.likelihood = DataLikelihood(dim, kind, levels, config.decoder_scale)
         self.encoder = mlp([dim + classes, *config.hidden, 2 * latent])
-        self.decoder = mlp([latent + classes, *reversed(config.hidden), dim])
+        self.decoder = mlp([latent + classes, *reversed(config.hidden), self.likelihood.out_features])
         self.classifier = mlp([dim, *config.classifier_hidden, classes])
 
     # --- the pieces of P and Q -------------------------------------------------------

@@ -62,8 +62,9 @@ class Config:
     activation: Literal["silu", "tanh"] = setting("silu", "Activation between the MLP layers (Burda et al. 2016: tanh).")
     prior: Literal["standard", "mog"] = setting("standard", "m(z): N(0, I), or a learned mixture of Gaussians.")
     prior_components: int = setting(10, "Mixture components of the mog prior.", minimum=1)
-    decoder_scale: Literal["diagonal", "isotropic"] = setting(
-        "diagonal", "Learned std of the Gaussian decoder (continuous and discrete data): per dimension or shared.")
+    decoder_scale: Literal["diagonal", "isotropic", "amortized"] = setting(
+        "diagonal", "Learned std of the Gaussian decoder (continuous and discrete data): per dimension, shared, or "
+        "amortized (a function of z: the decoder outputs mean and log std, as Kingma & Welling 2014's).")
 
 
 @dataclass(frozen=True)
@@ -88,8 +89,8 @@ class VAE(nn.Module):
         self.config, self.dim, self.kind, self.levels = config, dim, kind, levels
         latent = config.latent_dim
         self.encoder = mlp([dim, *config.hidden, 2 * latent], config.activation)
-        self.decoder = mlp([latent, *reversed(config.hidden), dim], config.activation)
         self.likelihood = DataLikelihood(dim, kind, levels, config.decoder_scale)
+        self.decoder = mlp([latent, *reversed(config.hidden), self.likelihood.out_features], config.activation)
         if config.prior == "mog":
             components = config.prior_components
             self.prior_means = nn.Parameter(torch.randn(components, latent))
