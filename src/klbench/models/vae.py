@@ -208,7 +208,9 @@ class VAE(nn.Module):
 
 
 def build(config: Config, dataset: Dataset) -> VAE:
-    return VAE(config, dataset.dim, dataset.kind, dataset.levels)
+    model = VAE(config, dataset.dim, dataset.kind, dataset.levels)
+    model.likelihood.start_at_data_scale(model.decoder[-1], dataset.x_train)
+    return model
 
 
 # --- diagnostics -------------------------------------------------------------------------
