@@ -37,7 +37,7 @@ class DiagonalGaussian(nn.Module):
         spread = (0.5 * math.log(2 * math.pi) + self.log_sigma).sum().expand(len(x))
         return {"center": center, "spread": spread}
 
-    def loss(self, x, batch_index, num_batches):
+    def loss(self, x, batch_index, num_batches, progress=1.0):
         terms = self.terms(x)
         return sum(terms.values()).mean(), {k: v.detach() for k, v in terms.items()}
 

@@ -37,7 +37,7 @@ class Draws(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(()))
 
-    def loss(self, x, batch_index, num_batches):
+    def loss(self, x, batch_index, num_batches, progress=1.0):
         normal, uniform = torch.randn(x.shape[0]), torch.rand_like(x[:, 0])
         return self.weight * normal.sum(), {"normal": normal, "uniform": uniform}
 
@@ -47,7 +47,7 @@ def test_each_stacked_seed_draws_from_its_own_generator_in_the_order_it_would_al
     group = StackedSeeds([Draws(), Draws()], [torch.Generator().set_state(s) for s in states], seeds=[3, 7])
     x = torch.zeros(5, 2)
     for _ in range(2):  # the second call replays the recorded draws without a new dry run
-        _, terms = group.loss((x.expand(2, 5, 2),), batch_index=0, num_batches=1)
+        _, terms = group.loss((x.expand(2, 5, 2),), batch_index=0, num_batches=1, progress=1.0)
     for s, state in enumerate(states):
         alone = torch.Generator().set_state(state)
         for _ in range(2):
@@ -56,7 +56,7 @@ def test_each_stacked_seed_draws_from_its_own_generator_in_the_order_it_would_al
 
 
 class DrawsIntegers(Draws):
-    def loss(self, x, batch_index, num_batches):
+    def loss(self, x, batch_index, num_batches, progress=1.0):
         return self.weight * torch.randint(0, 5, (1,)).float().sum(), {"x": x[:, 0]}
 
 
@@ -64,7 +64,7 @@ def test_a_loss_drawing_with_an_unsupported_function_is_refused_in_one_line():
     group = StackedSeeds([DrawsIntegers(), DrawsIntegers()], [torch.Generator(), torch.Generator()], seeds=[0, 1])
     with pytest.raises(ConfigError, match="draws with randint, which stacked seeds cannot replay; set "
                                           "train.stack_seeds: false"):
-        group.loss((torch.zeros(2, 4, 2),), batch_index=0, num_batches=1)
+        group.loss((torch.zeros(2, 4, 2),), batch_index=0, num_batches=1, progress=1.0)
 
 
 @pytest.fixture

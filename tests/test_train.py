@@ -129,6 +129,29 @@ def test_a_beta_vae_is_selected_on_distortion_plus_beta_rate_with_its_evaluation
     torch.manual_seed(5)
     objective = model.own_objective_terms(x, samples=3)["objective"]
     torch.manual_seed(5)
-    draws = [model.objective(x)[1] for _ in range(3)]
+    draws = [model.objective(x, 0.25)[1] for _ in range(3)]
     expected = torch.stack([d["distortion"] + 0.25 * d["rate"] for d in draws]).mean(0)
     assert torch.allclose(objective, expected, rtol=0, atol=1e-6)
+
+
+def test_the_loop_tells_the_loss_how_far_training_has_come():
+    """progress = step / steps at every step: what a warm-up of a term's weight (the VAE's
+    kl_warmup) is a function of."""
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+            self.seen = []
+
+        def loss(self, x, batch_index, num_batches, progress=1.0):
+            self.seen.append(progress)
+            terms = {"square": (x[:, 0] - self.weight) ** 2}
+            return terms["square"].mean(), {k: v.detach() for k, v in terms.items()}
+
+        def ledger_terms(self, x, samples):
+            return {"square": (x[:, 0] - self.weight) ** 2}
+
+    model = Recorder()
+    train(model, torch.randn(64, 2), torch.randn(16, 2), TrainConfig(steps=8, batch_size=16, evaluations=2))
+    assert model.seen == [step / 8 for step in range(1, 9)]

@@ -159,8 +159,10 @@ class OneSeed:
     def rows(self, tensors: tuple[Tensor, ...], rows: Tensor) -> tuple[Tensor, ...]:
         return tuple(t[rows[0]] for t in tensors)
 
-    def loss(self, batch: tuple[Tensor, ...], batch_index: int, num_batches: int) -> tuple[Tensor, dict[str, Tensor]]:
-        objective, terms = self.model.loss(*batch, batch_index=batch_index, num_batches=num_batches)
+    def loss(self, batch: tuple[Tensor, ...], batch_index: int, num_batches: int,
+             progress: float) -> tuple[Tensor, dict[str, Tensor]]:
+        objective, terms = self.model.loss(*batch, batch_index=batch_index, num_batches=num_batches,
+                                           progress=progress)
         return objective.unsqueeze(0), {name: value.unsqueeze(0) for name, value in terms.items()}
 
     @torch.no_grad()
@@ -230,8 +232,9 @@ class StackedSeeds:
 
         return vmap(one_seed)(self.params, self.buffers, batch, draws)
 
-    def loss(self, batch: tuple[Tensor, ...], batch_index: int, num_batches: int) -> tuple[Tensor, dict[str, Tensor]]:
-        return self._call("loss", batch, batch_index=batch_index, num_batches=num_batches)
+    def loss(self, batch: tuple[Tensor, ...], batch_index: int, num_batches: int,
+             progress: float) -> tuple[Tensor, dict[str, Tensor]]:
+        return self._call("loss", batch, batch_index=batch_index, num_batches=num_batches, progress=progress)
 
     @torch.no_grad()
     def held_out(self, tensors: tuple[Tensor, ...], samples: int, method: str = "ledger_terms") -> list[Ledger]:

@@ -127,7 +127,7 @@ def fit(
     for step, (batch, index, per_pass) in zip(range(1, config.steps + 1), batches):
         optimizer.lr = learning_rate(step, config.lr, config.steps, config.warmup_steps, config.schedule,
                                      config.final_lr)
-        objective, terms = group.loss(batch, batch_index=index, num_batches=per_pass)
+        objective, terms = group.loss(batch, batch_index=index, num_batches=per_pass, progress=step / config.steps)
         optimizer.zero_grad()
         objective.sum().backward()
         optimizer.step()

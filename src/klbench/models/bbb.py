@@ -262,7 +262,8 @@ class BayesMLP(nn.Module):
         value = costs.sum() / self.n_train if self.bayesian else costs.new_zeros(())
         return value.detach().expand(batch)
 
-    def loss(self, x: Tensor, y: Tensor, batch_index: int, num_batches: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, x: Tensor, y: Tensor, batch_index: int, num_batches: int,
+             progress: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
         """pi_i * cost / |B_i| + mean nll with one weight draw (see the module docstring),
         and the unweighted per-example ledger terms of this batch."""
         nll = -self.log_likelihood(self(x, 1), y)[0]  # (B,)

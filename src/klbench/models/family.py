@@ -7,7 +7,7 @@ from what its runs write into ledger.json; no module outside models/ names a fam
 
 The model that `build(config, dataset)` returns is an nn.Module with
 
-    loss(*batch, batch_index, num_batches) -> (objective, terms)     for training
+    loss(*batch, batch_index, num_batches, progress) -> (objective, terms)     for training
     ledger_terms(*batch, samples) -> terms                           for evaluation
 
 terms being per-example tensors (B,) in nats, unweighted, named as `Family.terms` (DESIGN.md,
@@ -19,7 +19,9 @@ beta-VAE's distortion + beta rate) names it in the attribute `own_objective` (a 
     own_objective_terms(*batch, samples) -> {"objective": (B,)}          for model selection
 
 so that its checkpoint is chosen, and its convergence judged, on what it optimises.
-batch_index of num_batches is the batch's position in the epoch (for minibatch KL weighting).
+batch_index of num_batches is the batch's position in the epoch (for minibatch KL weighting);
+progress = step / steps in (0, 1] is how far training has come (for a warm-up of a term's
+weight); it defaults to 1, the objective of a trained model.
 A batch is what `inputs(dataset, split, config)` returns, row-sliced: (x,) by default, (x, y)
 for a family that needs targets.
 

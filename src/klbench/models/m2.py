@@ -204,7 +204,8 @@ class M2(nn.Module):
 
     # --- what the training loop and the evaluation call -------------------------------
 
-    def loss(self, x: Tensor, y: Tensor, batch_index: int, num_batches: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, x: Tensor, y: Tensor, batch_index: int, num_batches: int,
+             progress: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
         """Eq. 9 per example (module docstring): the mean of the ledger terms (labelled rows
         -L(x, y), unlabelled rows -U(x)) plus the classification term, which is not a ledger
         term; and the detached ledger terms (B,). Every batch is weighted alike, so the batch

@@ -6,7 +6,9 @@ KL(P || Q) = E_p[-ELBO(x)] - H(p), with the per-example negative ELBO split into
     rate       = KL(e(z|x) || m(z))            nats, summed over latent dims
     distortion = -E_{e(z|x)} log d(x|z)        nats, summed over data dims
 
-Training minimises distortion + beta * rate. With k > 1 posterior samples per example it
+Training minimises distortion + beta * rate, the rate's weight rising linearly from 0 to beta
+over the first kl_warmup share of the steps (Bowman et al. 2016; Sonderby et al. 2016: a decoder
+that can model the data alone otherwise settles at rate 0 before the encoder is any use). With k > 1 posterior samples per example it
 minimises either the IWAE objective -log (1/k) sum_i w_i (objective "iwae") or the k-sample
 ELBO, the mean of the k single-sample estimates (objective "elbo": Burda et al.'s "VAE, k"
 columns); w_i = d(x|z_i) m(z_i)^beta / e(z_i|x)^beta. The ledger always reports the
@@ -55,6 +57,10 @@ class Config:
     hidden: list[int] = setting([128, 128], "Hidden widths of the encoder MLP; the decoder mirrors them ([] = linear).",
                                 items={"minimum": 1})
     beta: float = setting(1.0, "Weight of the rate in training (the ledger is unweighted).", exclusiveMinimum=0)
+    kl_warmup: float = setting(0.0, "Share of the training steps over which the rate's weight rises linearly from 0 "
+                               "to beta (0: no warm-up). Against posterior collapse: a decoder that fits the data "
+                               "alone (a Gaussian with its own std on 2-D data) otherwise keeps rate 0.",
+                               minimum=0, maximum=1)
     k: int = setting(1, "Posterior samples per example in training (1 = ELBO; > 1: see objective).", minimum=1)
     objective: Literal["iwae", "elbo"] = setting(
         "iwae", "With k > 1: iwae = -log (1/k) sum_i w_i (importance weighted); elbo = the mean of k single-sample "
@@ -134,11 +140,12 @@ class VAE(nn.Module):
 
     # --- what the training loop and the evaluation call -------------------------------
 
-    def objective(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def objective(self, x: Tensor, beta: float) -> tuple[Tensor, dict[str, Tensor]]:
         """The training objective per example (B,): distortion + beta rate for one draw (k = 1);
         with k draws the mean of their k-sample ELBO terms (objective elbo) or IWAE's
         -log (1/k) sum_i w_i with beta-weighted log w_i (objective iwae); and the unweighted
-        per-example ledger terms of the first draw."""
+        per-example ledger terms of the first draw. beta is the rate's weight: the config's, or
+        less during the KL warm-up."""
         y = self.observe(x)
         mu, logvar = self.encode(y)
         z = self.sample_posterior(mu, logvar, self.config.k)  # (k, B, L)
@@ -146,22 +153,29 @@ class VAE(nn.Module):
         if self.config.k == 1:
             # decoding (B, L) rather than (1, B, L) spares every Linear a reshape, forward and backward
             distortion = self.distortion(y, z[0])  # (B,)
-            objective = distortion + self.config.beta * rate
+            objective = distortion + beta * rate
         elif self.config.objective == "elbo":  # the k-sample ELBO: every draw's distortion, averaged
             distortion = self.distortion(y, z).mean(0)
-            objective = distortion + self.config.beta * self.rate(mu, logvar, z)
+            objective = distortion + beta * self.rate(mu, logvar, z)
         else:
             distortions = self.distortion(y, z)  # (k, B)
             distortion = distortions[0]
-            log_w = self.config.beta * (self.log_prior(z) - log_normal_diag(z, mu, logvar)) - distortions  # (k, B)
+            log_w = beta * (self.log_prior(z) - log_normal_diag(z, mu, logvar)) - distortions  # (k, B)
             objective = -(torch.logsumexp(log_w, 0) - math.log(self.config.k))
         return objective, {"rate": rate, "distortion": distortion}
 
-    def loss(self, x: Tensor, batch_index: int, num_batches: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, x: Tensor, batch_index: int, num_batches: int,
+             progress: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
         """Training objective (scalar, the mean of `objective`) and the unweighted per-example
-        ledger terms of this batch. The VAE weights every batch alike: the batch position is unused."""
-        objective, terms = self.objective(x)
+        ledger terms of this batch. The VAE weights every batch alike: the batch position is unused;
+        progress (step / steps) sets the rate's weight during the warm-up."""
+        objective, terms = self.objective(x, self.rate_weight(progress))
         return objective.mean(), {name: value.detach() for name, value in terms.items()}
+
+    def rate_weight(self, progress: float) -> float:
+        """beta min(1, progress / kl_warmup): the rate's weight in training at this point of it."""
+        warmup = self.config.kl_warmup
+        return self.config.beta * (min(1.0, progress / warmup) if warmup > 0 else 1.0)
 
     @property
     def own_objective(self) -> str | None:
@@ -175,7 +189,7 @@ class VAE(nn.Module):
     @torch.no_grad()
     def own_objective_terms(self, x: Tensor, samples: int) -> dict[str, Tensor]:
         """The training objective per example, averaged over `samples` independent draws."""
-        return {"objective": torch.stack([self.objective(x)[0] for _ in range(samples)]).mean(0)}
+        return {"objective": torch.stack([self.objective(x, self.config.beta)[0] for _ in range(samples)]).mean(0)}
 
     @torch.no_grad()
     def ledger_terms(self, x: Tensor, samples: int) -> dict[str, Tensor]:

@@ -115,7 +115,8 @@ class VIB(nn.Module):
         distortion = -log_c.gather(-1, labels).squeeze(-1).mean(0)  # (S, B) -> (B,)
         return {"rate": rate, "distortion": distortion}
 
-    def loss(self, x: Tensor, y: Tensor, batch_index: int, num_batches: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, x: Tensor, y: Tensor, batch_index: int, num_batches: int,
+             progress: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
         """mean_batch [distortion + beta * rate] with train_samples draws of z, and the
         unweighted ledger terms of this batch (detached). Every batch carries its own rate,
         so batch_index and num_batches are unused."""

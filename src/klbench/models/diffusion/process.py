@@ -235,7 +235,8 @@ class Diffusion(nn.Module):
         terms = {"prior": self.prior(y), "diffusion": diffusion.mean(0), "reconstruction": self.reconstruction(x)}
         return terms, sq_err
 
-    def loss(self, x: Tensor, batch_index: int, num_batches: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss(self, x: Tensor, batch_index: int, num_batches: int,
+             progress: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
         """Training objective (scalar: the bound, or L_simple) and the unweighted per-example
         ledger terms with one antithetic time per example. The batch position is unused."""
         u = antithetic_times(len(x), (), x.device)[None]  # (1, B): stratified across the batch
