@@ -8,11 +8,11 @@ KL(P || Q) = E_p[-ELBO(x)] - H(p), with the per-example negative ELBO split into
 
 Training minimises distortion + beta * rate, the rate's weight rising linearly from 0 to beta
 over the first kl_warmup share of the steps (Bowman et al. 2016; Sonderby et al. 2016: a decoder
-that can model the data alone otherwise settles at rate 0 before the encoder is any use). With k > 1 posterior samples per example it
-minimises either the IWAE objective -log (1/k) sum_i w_i (objective "iwae") or the k-sample
-ELBO, the mean of the k single-sample estimates (objective "elbo": Burda et al.'s "VAE, k"
-columns); w_i = d(x|z_i) m(z_i)^beta / e(z_i|x)^beta. The ledger always reports the
-unweighted terms.
+that can model the data alone otherwise settles at rate 0 before the encoder is any use).
+With k > 1 posterior samples per example it minimises either the IWAE objective
+-log (1/k) sum_i w_i (objective "iwae") or the k-sample ELBO, the mean of the k single-sample
+estimates (objective "elbo": Burda et al.'s "VAE, k" columns); w_i = d(x|z_i) m(z_i)^beta /
+e(z_i|x)^beta. The ledger always reports the unweighted terms.
 
 Decoders by data kind:
 - binary: Bernoulli with logits from the decoder network.
