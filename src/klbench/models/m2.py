@@ -260,9 +260,7 @@ def build(config: Config, dataset: Dataset) -> M2:
     if dataset.target != "class":
         raise ValueError(f"M2 needs class labels; dataset {dataset.name} has {dataset.target} targets")
     inputs(dataset, "train", config)  # ValueError now if the split holds too few labels
-    model = M2(config, dataset.dim, dataset.kind, dataset.levels, num_classes(dataset), len(dataset.x_train))
-    model.likelihood.start_at_data_scale(model.decoder[-1], dataset.x_train)
-    return model
+    return M2(config, dataset.dim, dataset.kind, dataset.levels, num_classes(dataset), len(dataset.x_train))
 
 
 def labelled_subset(y: Tensor, labels: int, classes: int, seed: int) -> Tensor:
