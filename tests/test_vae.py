@@ -10,7 +10,7 @@ from conftest import train_for_epochs
 from klbench.data import load_dataset
 from klbench.errors import TrainingError
 from klbench.kl import log_normal_diag
-from klbench.models.vae import VAE, Config, iwae_bounds, mutual_information
+from klbench.models.vae import VAE, Config, build, iwae_bounds, mutual_information
 from klbench.train import held_out_ledger, seed_everything
 
 
@@ -221,8 +221,6 @@ def test_the_decoder_std_starts_at_the_data_std_of_the_observed_variable(name, s
     """build() starts the decoder at the training data's std, per dimension of what it models:
     x itself, or y = (x + u) / L with Var y = (Var x + 1/12) / L^2 for L-level data (never 0, even
     on digits' constant border pixels)."""
-    from klbench.models import vae
-
     dataset = load_dataset(name)
     std = dataset.x_train.std(0)
     if dataset.kind == "discrete":
@@ -231,7 +229,7 @@ def test_the_decoder_std_starts_at_the_data_std_of_the_observed_variable(name, s
         torch.testing.assert_close(y.std(0), std, atol=2e-3, rtol=0.05)  # the formula: sampled
     expected = {"diagonal": std.log(), "isotropic": std.pow(2).mean().sqrt().log().reshape(1),
                 "amortized": std.log()}[scale]
-    model = vae.build(make_config(decoder_scale=scale), dataset)
+    model = build(make_config(decoder_scale=scale), dataset)
     last = model.decoder[-1]
     start = last.bias[dataset.dim:] if scale == "amortized" else model.likelihood.log_scale
     torch.testing.assert_close(start.detach(), expected)
@@ -340,7 +338,6 @@ def test_without_a_kl_warmup_an_iwae_with_its_own_decoder_std_collapses_on_eight
     from klbench.batches import FreshDraws, data_generator
     from klbench.config import TrainConfig
     from klbench.evaluate import gaussian_fit_nll
-    from klbench.models.vae import build
     from klbench.seeds import OneSeed
     from klbench.train import fit
 

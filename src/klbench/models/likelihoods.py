@@ -68,10 +68,8 @@ class DataLikelihood(nn.Module):
 
         Adam moves a parameter by about lr per step, so a log std that starts at 0 on data of
         std 0.1 needs some 2.3 / lr steps to get there, and until then the distortion is too weak
-        against the rate. The VAE starts here. M2 does not: its weak early distortion is what lets
-        a few labels train its classifier first (digits, 100 labels, 1,600 steps: accuracy 0.93
-        from log std 0 and 0.67 from the data's, for a -ELBO 41 nats worse). `last` is the
-        decoder's output layer (for an amortized std, the bias of its log-std half is set)."""
+        against the rate (m2.build says why M2 does not start here). `last` is the decoder's
+        output layer (for an amortized std, the bias of its log-std half is set)."""
         if self.kind == "binary":
             return
         std = x_train.std(0)

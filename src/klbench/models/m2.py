@@ -260,6 +260,9 @@ def build(config: Config, dataset: Dataset) -> M2:
     if dataset.target != "class":
         raise ValueError(f"M2 needs class labels; dataset {dataset.name} has {dataset.target} targets")
     inputs(dataset, "train", config)  # ValueError now if the split holds too few labels
+    # The decoder keeps log std 0, not DataLikelihood.start_at_data_scale: its weak early distortion
+    # lets the few labels train the classifier first (digits, 100 labels, 1,600 steps: accuracy 0.93
+    # from log std 0, 0.67 from the data's std, whose -ELBO is 41 nats better).
     return M2(config, dataset.dim, dataset.kind, dataset.levels, num_classes(dataset), len(dataset.x_train))
 
 
