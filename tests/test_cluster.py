@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, snakemake_command
 from services import CHROMIUM, NO_CHROMIUM, MlflowServer, Postgres, SlurmCluster, Unavailable, check_mlflow_ui
 from klbench.config import expand_models, run_grid, seed_blocks
+from klbench.tracking import SUPERSEDED_TAG
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -30,11 +31,17 @@ def grid_of(config) -> dict[str, str]:
     return {f"{d}/{m}/seed{s}": variants[m]["family"] for d, m, s in run_grid(config)}
 
 
-def finished_runs(client: MlflowClient, families: set[str]) -> Counter:
-    """How many FINISHED runs each run key has in the store."""
+def finished(client: MlflowClient, families: set[str], superseded: bool = False) -> list:
+    """The FINISHED runs in the store: the current ones (those a comparison counts), or the older
+    ones that a re-run of their key tagged superseded (README, "Browse runs in MLflow")."""
     experiments = [client.get_experiment_by_name(f).experiment_id for f in sorted(families)]
     runs = client.search_runs(experiments, filter_string="attributes.status = 'FINISHED'", max_results=5000)
-    return Counter(run.info.run_name for run in runs)
+    return [run for run in runs if (run.data.tags.get(SUPERSEDED_TAG) == "true") == superseded]
+
+
+def finished_runs(client: MlflowClient, families: set[str]) -> Counter:
+    """How many current FINISHED runs each run key has in the store."""
+    return Counter(run.info.run_name for run in finished(client, families))
 
 
 def run(command: list[str], env: dict, timeout: float = 900) -> tuple[subprocess.CompletedProcess, float]:
@@ -199,7 +206,12 @@ def test_a_server_killed_mid_pipeline_fails_its_jobs_in_one_line_and_a_rerun_fin
         result, seconds = run([*command, "--rerun-incomplete"], env)  # (the default profile sets it too)
         assert result.returncode == 0, result.stderr[-4000:]
         client = MlflowClient(server.url)
-        assert finished_runs(client, set(grid.values())) == Counter(list(grid))  # exactly one FINISHED run per key
+        assert finished_runs(client, set(grid.values())) == Counter(list(grid))  # one current FINISHED run per key
+        # a job whose runs reached FINISHED just before the server died (so its run directories
+        # never appeared) ran again: its older FINISHED runs are tagged superseded by the new ones
+        current = {run.info.run_name: run.info.run_id for run in finished(client, set(grid.values()))}
+        for older in finished(client, set(grid.values()), superseded=True):
+            assert older.data.tags["klbench.superseded_by"] == current[older.info.run_name]
         experiments = [client.get_experiment_by_name(f).experiment_id for f in sorted(set(grid.values()))]
         others = Counter(r.info.status for r in client.search_runs(
             experiments, filter_string="attributes.status != 'FINISHED'", max_results=5000))
