@@ -24,8 +24,9 @@ def snakemake_command(workdir: Path, *configfiles: Path | str, args: tuple[str, 
     return command, env
 
 
-def run_snakemake(workdir: Path, *configfiles: Path | str, args: tuple[str, ...] = (), check: bool = True):
-    command, env = snakemake_command(workdir, *configfiles, args=args)
+def run_snakemake(workdir: Path, *configfiles: Path | str, args: tuple[str, ...] = (), check: bool = True,
+                  cores: int = 2):
+    command, env = snakemake_command(workdir, *configfiles, args=args, cores=cores)
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     if check and result.returncode != 0:
         pytest.fail(f"snakemake failed ({result.returncode}):\n{result.stderr[-4000:]}")
@@ -39,7 +40,7 @@ def smoke(tmp_path_factory):
     from klbench.config import load_config, validate_config
 
     workdir = tmp_path_factory.mktemp("smoke")
-    result = run_snakemake(workdir, REPO / "config" / "smoke.yaml")
+    result = run_snakemake(workdir, REPO / "config" / "smoke.yaml", cores=8)  # as the README runs it
     config = validate_config(load_config([REPO / "config" / "config.yaml", REPO / "config" / "smoke.yaml"]))
     return REPO, workdir, config, result
 

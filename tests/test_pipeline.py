@@ -137,6 +137,23 @@ def test_mlflow_store_holds_one_finished_run_per_run_key_with_metrics(smoke):
         assert {"ledger.json", "model.pt", "history.csv", "config.json"} <= artifacts
 
 
+def test_at_most_one_training_job_per_cpu_runs_at_once(smoke):
+    """`--cores 8` on a machine with fewer CPUs: the training jobs (single-threaded torch) still
+    run one per CPU at a time, since more only share the CPUs (workflow/rules/common.smk)."""
+    _, _, _, result = smoke
+    running, most = set(), 0
+    rule = None
+    for line in result.stderr.splitlines():
+        if match := re.match(r"(?:local)?rule (\S+):", line):
+            rule = match.group(1)
+        elif (match := re.match(r"\s+jobid: (\d+)", line)) and rule and rule.startswith("train_"):
+            running.add(match.group(1))
+            most = max(most, len(running))
+        elif match := re.match(r"Finished jobid: (\d+)", line):
+            running.discard(match.group(1))
+    assert 1 <= most <= min(8, os.cpu_count() or 1)
+
+
 def test_a_second_invocation_has_nothing_to_do(smoke):
     repo, workdir, _, _ = smoke
     result = snakemake(repo, workdir, "--dry-run")

@@ -21,5 +21,6 @@ for block in SEED_BLOCKS:
             mem_mb=train_resource("mem_mb"),
             runtime=train_resource("runtime"),
             gpu=train_resource("gpu"),
+            **CPU_LIMIT,
         shell:
             "klbench train --spec {params.spec:q} --threads {threads} {params.out} --no-progress > {log} 2>&1"
