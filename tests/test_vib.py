@@ -150,6 +150,35 @@ def test_beta_weights_the_objective_but_not_the_ledger(digits):
     assert objective_high > objective_low + 0.1
 
 
+def test_selection_and_convergence_judge_distortion_plus_beta_rate(digits):
+    """A VIB trains on distortion + beta rate, so its checkpoint is chosen on that: with the same
+    draws, own_objective_terms is exactly the ledger's distortion + beta rate, and the loop keeps
+    the evaluation where it is least, which the unweighted rate + distortion does not pick."""
+    from klbench.config import TrainConfig
+    from klbench.train import fit_model
+
+    model = small_model(digits, beta=1e-3)
+    assert model.own_objective == "distortion + 0.001 rate"
+    assert build(Config(beta=1.0), digits).own_objective is None  # the ledger's sum is what it trains
+    x, y = batch(digits)
+    torch.manual_seed(2)
+    objective = model.own_objective_terms(x, y, samples=3)["objective"]
+    torch.manual_seed(2)
+    terms = model.ledger_terms(x, y, samples=3)
+    torch.testing.assert_close(objective, terms["distortion"] + 1e-3 * terms["rate"], rtol=0, atol=0)
+
+    train, val = (digits.x_train[:1000], digits.y_train[:1000]), (digits.x_train[1000:1300], digits.y_train[1000:1300])
+    config = TrainConfig(steps=300, batch_size=100, lr=3e-3, warmup=0, schedule="constant", evaluations=10,
+                         validation_samples=2)
+    torch.manual_seed(0)
+    history, selection = fit_model(small_model(digits, beta=1e-3), train, val, config)
+    curve = [row for row in history if row["split"] == "val"]
+    assert selection.selected_on == "distortion + 0.001 rate"
+    assert selection.best_step == min(curve, key=lambda row: row["objective"])["step"]
+    # the rate grows as the classifier learns: the least rate + distortion is another checkpoint
+    assert selection.best_step != min(curve, key=lambda row: row["neg_elbo"])["step"]
+
+
 # --- the predictive distribution -----------------------------------------------------------------
 
 

@@ -129,6 +129,19 @@ class VIB(nn.Module):
         """Unweighted rate (exact) and distortion averaged over S = `samples` draws of z, (B,) each."""
         return self.terms(x, y, samples)
 
+    @property
+    def own_objective(self) -> str | None:
+        """What training minimises (models/family.py): distortion + beta rate, beta != 1. Chosen on
+        the ledger's rate + distortion, a beta = 0.001 run would keep the checkpoint of least
+        rate, not the one that classifies best."""
+        return None if self.config.beta == 1 else f"distortion + {self.config.beta:g} rate"
+
+    @torch.no_grad()
+    def own_objective_terms(self, x: Tensor, y: Tensor, samples: int) -> dict[str, Tensor]:
+        """distortion + beta rate per example, the distortion averaged over `samples` draws of z."""
+        terms = self.terms(x, y, samples)
+        return {"objective": terms["distortion"] + self.config.beta * terms["rate"]}
+
     @torch.no_grad()
     def log_predictive(self, x: Tensor, samples: int) -> Tensor:
         """log p(y|x) ~ log (1/S) sum_s c(y|z_s), z_s ~ e(z|x), for every class: x (N, D) -> (N, K),
