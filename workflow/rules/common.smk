@@ -37,8 +37,8 @@ TRAIN_RESOURCES = PLAN["resources"]
 LOCAL_RESOURCES = {"mem_mb": 2000, "runtime": 30}
 # Run locally, at most one training job per CPU at a time, whatever --cores says: the jobs are
 # single-threaded torch on small MLPs, and more of them than CPUs only share the CPUs and
-# their caches (4 on 2 CPUs took 15% more CPU time per step than 2). `--resources cpus=N`
-# overrides it. A cluster executor places jobs on its own nodes and gets no such limit.
+# their caches (on 2 CPUs the default benchmark's jobs took a third less CPU time two at a time
+# than eight at a time: README, "Cores"). `--resources cpus=N` overrides it. A cluster executor places jobs on its own nodes and gets no such limit.
 CPU_LIMIT = {}
 if workflow.local_exec:
     CPU_LIMIT["cpus"] = lambda wildcards, threads: threads
