@@ -411,6 +411,32 @@ def test_training_curves_are_the_per_step_mean_of_history_over_seeds(runs, writt
                     assert "labels" in ax.get_ylabel()
 
 
+def test_a_constant_term_is_framed_around_its_value_not_its_rounding(runs, tmp_path, monkeypatch):
+    """DDPM's prior KL has no parameters: between batches it changes only by float rounding, and a
+    frame that tight draws the rounding (an axis of 1e-13) rather than the value."""
+    import shutil
+
+    runs_dir, summary = runs
+    copy = tmp_path / "runs"
+    shutil.copytree(runs_dir, copy)
+    for path in copy.glob("*/ddpm*/seed*/history.csv"):
+        history = pd.read_csv(path)
+        history["prior"] = 9.52e-7 + 1e-19 * np.arange(len(history))  # rounding-sized changes
+        history.to_csv(path, index=False)
+    summary = ordered(summary[summary["family"] == "diffusion"])
+    drawn = {}
+    monkeypatch.setattr(figures, "_save", capturing(drawn))
+    figures.training_curves(summary, tmp_path / "t", copy, {}, figures._palette(summary))
+    fig = drawn["t"]
+    found = {title: ax for title, ax in panels(fig).items() if title.endswith(": prior")}
+    assert found
+    for title, ax in found.items():
+        values = np.concatenate([line.get_ydata() for line in ax.lines])
+        low, high = ax.get_ylim()
+        assert low <= values.min() and values.max() <= high, title
+        assert high - low >= 0.01 * np.abs(values).max(), title
+
+
 def test_training_curves_band_is_the_seed_range(runs, written):
     runs_dir, _ = runs
     fig = written[2]["training_curves-vae"]

@@ -479,7 +479,9 @@ def training_curves(summary: pd.DataFrame, stem: Path, runs_dir: Path, options: 
                 late = frame[frame["step"] >= 0.1 * frame["step"].max()][column].dropna()
                 if len(late):
                     low, high = late.min(), late.max()
-                    pad = 0.08 * (high - low) or 0.05 * abs(high) or 0.1
+                    # a constant term (a fixed prior KL) varies by float rounding: frame its value
+                    flat = high - low <= 1e-6 * max(abs(high), abs(low))
+                    pad = (0.05 * abs(high) or 0.1) if flat else 0.08 * (high - low)
                     ax.set_ylim(low - pad, high + pad)
                 title = {"neg_elbo": "−ELBO", "objective": "own objective (IWAE −L_k, β-VAE D+βR)"}.get(column, column)
                 ax.set_title(f"{dataset}: {title}", fontsize=10)
