@@ -483,7 +483,7 @@ def training_curves(summary: pd.DataFrame, stem: Path, runs_dir: Path, options: 
                     flat = high - low <= 1e-6 * max(abs(high), abs(low))
                     pad = (0.05 * abs(high) or 0.1) if flat else 0.08 * (high - low)
                     ax.set_ylim(low - pad, high + pad)
-                title = {"neg_elbo": "−ELBO", "objective": "own objective (IWAE −L_k, β-VAE D+βR)"}.get(column, column)
+                title = {"neg_elbo": "−ELBO", "objective": "own objective (what it trains: −L_k or D+βR)"}.get(column, column)
                 ax.set_title(f"{dataset}: {title}", fontsize=10)
                 ax.set_xlabel("optimizer step")
                 ax.set_ylabel(NATS + (" (labels)" if predicts else ""))
