@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, snakemake_command
+from conftest import REPO, snakemake_command, wait_for
 from services import CHROMIUM, NO_CHROMIUM, MlflowServer, Postgres, SlurmCluster, Unavailable, check_mlflow_ui
 from klbench.config import expand_models, run_grid, seed_blocks
 from klbench.tracking import SUPERSEDED_TAG
@@ -181,9 +181,18 @@ def test_a_server_killed_mid_pipeline_fails_its_jobs_in_one_line_and_a_rerun_fin
         command, env = snakemake_command(workdir, SMOKE, tmp_path / "server.yaml", cores=8)
         pipeline = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         output = []
-        for line in pipeline.stdout:  # kill the server as soon as Snakemake has one training job done
+        client = MlflowClient(server.url)
+
+        def running():
+            experiments = [e.experiment_id for e in client.search_experiments()]
+            return client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'")
+
+        # kill the server once Snakemake has one training job done and another job's runs are open
+        # (one training job per CPU runs at a time: the next may not have opened its runs yet)
+        for line in pipeline.stdout:
             output.append(line)
             if server.process is not None and re.search(r"Finished jobid: \d+ \(Rule: train_seeds", line):
+                wait_for(running, 120, "a training job with open MLflow runs")
                 server.kill()
         pipeline.wait(timeout=600)
         assert server.process is None and pipeline.returncode != 0, "".join(output)[-3000:]
@@ -205,7 +214,6 @@ def test_a_server_killed_mid_pipeline_fails_its_jobs_in_one_line_and_a_rerun_fin
         server.start()  # the same port and database: the jobs find their runs again
         result, seconds = run([*command, "--rerun-incomplete"], env)  # (the default profile sets it too)
         assert result.returncode == 0, result.stderr[-4000:]
-        client = MlflowClient(server.url)
         assert finished_runs(client, set(grid.values())) == Counter(list(grid))  # one current FINISHED run per key
         # a job whose runs reached FINISHED just before the server died (so its run directories
         # never appeared) ran again: its older FINISHED runs are tagged superseded by the new ones
