@@ -68,8 +68,9 @@ class DataLikelihood(nn.Module):
 
         Adam moves a parameter by about lr per step, so a log std that starts at 0 on data of
         std 0.1 needs some 2.3 / lr steps to get there, and until then the distortion is too weak
-        against the rate (m2.build says why M2 does not start here). `last` is the decoder's
-        output layer (for an amortized std, the bias of its log-std half is set)."""
+        against the rate. The VAE and M2 start here (m2.build: M2 then needs its labels to weigh
+        more). `last` is the decoder's output layer (for an amortized std, the bias of its log-std
+        half is set)."""
         if self.kind == "binary":
             return
         std = x_train.std(0)

@@ -115,13 +115,17 @@ class VIB(nn.Module):
         distortion = -log_c.gather(-1, labels).squeeze(-1).mean(0)  # (S, B) -> (B,)
         return {"rate": rate, "distortion": distortion}
 
+    def weighted(self, terms: dict[str, Tensor]) -> Tensor:
+        """distortion + beta * rate per example: what training minimises, (B,)."""
+        return terms["distortion"] + self.config.beta * terms["rate"]
+
     def loss(self, x: Tensor, y: Tensor, batch_index: int, num_batches: int,
              progress: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
         """mean_batch [distortion + beta * rate] with train_samples draws of z, and the
         unweighted ledger terms of this batch (detached). Every batch carries its own rate,
         so batch_index and num_batches are unused."""
         terms = self.terms(x, y, self.config.train_samples)
-        objective = (terms["distortion"] + self.config.beta * terms["rate"]).mean()
+        objective = self.weighted(terms).mean()
         return objective, {name: value.detach() for name, value in terms.items()}
 
     @torch.no_grad()
@@ -139,8 +143,7 @@ class VIB(nn.Module):
     @torch.no_grad()
     def own_objective_terms(self, x: Tensor, y: Tensor, samples: int) -> dict[str, Tensor]:
         """distortion + beta rate per example, the distortion averaged over `samples` draws of z."""
-        terms = self.terms(x, y, samples)
-        return {"objective": terms["distortion"] + self.config.beta * terms["rate"]}
+        return {"objective": self.weighted(self.terms(x, y, samples))}
 
     @torch.no_grad()
     def log_predictive(self, x: Tensor, samples: int) -> Tensor:
